@@ -192,6 +192,11 @@ class TrainConfig(_Strict):
             if self.schedule not in NAMED_SCHEDULES:
                 names = ", ".join(sorted(NAMED_SCHEDULES))
                 raise ValueError(f"unknown schedule {self.schedule!r}; known: {names}, or null")
+            if self.epochs is not None or self.milestones is not None:
+                raise ValueError(
+                    "epochs and milestones are used only with schedule: null "
+                    f"(schedule is {self.schedule!r})"
+                )
         elif self.epochs is None or self.milestones is None:
             raise ValueError("with schedule: null, give both epochs and milestones")
         return self

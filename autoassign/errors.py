@@ -1,0 +1,36 @@
+"""Exceptions of the library: each carries a message a user can act on without a traceback.
+
+The command-line entry points catch :class:`AutoAssignError` subclasses, print the message and
+exit with :attr:`AutoAssignError.exit_code` (2 for configuration mistakes, 1 otherwise).
+"""
+
+from __future__ import annotations
+
+
+class AutoAssignError(Exception):
+    """Base of every error the library raises on purpose (bad input, bad state)."""
+
+    exit_code = 1
+
+
+class ConfigError(AutoAssignError):
+    """A configuration file or command-line override is wrong (unknown key, bad value)."""
+
+    exit_code = 2
+
+
+class CheckpointError(AutoAssignError):
+    """A checkpoint file is missing, unreadable or does not hold what a checkpoint holds."""
+
+
+class DatasetError(AutoAssignError):
+    """The dataset scan found problems that would break training."""
+
+
+class NonFiniteLossError(AutoAssignError):
+    """A training loss became NaN or infinite."""
+
+    def __init__(self, message: str, *, iteration: int, losses: dict[str, float]):
+        super().__init__(message)
+        self.iteration = iteration
+        self.losses = losses
