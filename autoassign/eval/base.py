@@ -1,0 +1,197 @@
+"""What every evaluator shares: collecting predictions per image and gathering them from ranks.
+
+An evaluator follows the ``reset / process / evaluate`` cycle:
+
+    evaluator.reset()
+    for batch in loader:
+        evaluator.process(model_outputs_for_batch)   # one dict per image
+    metrics = evaluator.evaluate()                   # every rank gets the same dict
+
+``process`` stores each image's predictions under its ``file_name``. ``evaluate`` gathers the
+stores of all ranks (``torch.distributed.all_gather_object``), merges them with
+:func:`merge_prediction_shards` (an image two ranks saw, as a padded ``DistributedSampler``
+makes happen, counts once) and hands the merged store to the protocol's :meth:`compute`.
+Images that received no predictions count as images where the detector found nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from autoassign.data.records import DetectionDataset
+from autoassign.errors import AutoAssignError
+
+logger = logging.getLogger(__name__)
+
+
+class EvaluationError(AutoAssignError):
+    """Bad predictions or ground truth given to an evaluator; the message names the culprit."""
+
+
+@dataclass(frozen=True)
+class ImagePredictions:
+    """The detections of one image.
+
+    Attributes:
+        boxes: ``[K, 4]`` float64, ``x1, y1, x2, y2`` in continuous 0-based pixels of the
+            original image.
+        scores: ``[K]`` float64 confidences.
+        labels: ``[K]`` int64 contiguous 0-based class indices.
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+
+    @staticmethod
+    def empty() -> ImagePredictions:
+        return ImagePredictions(
+            boxes=np.zeros((0, 4), dtype=np.float64),
+            scores=np.zeros(0, dtype=np.float64),
+            labels=np.zeros(0, dtype=np.int64),
+        )
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+
+PredictionStore = dict[str, ImagePredictions]
+"""file_name -> that image's detections."""
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def to_image_predictions(
+    prediction: Mapping[str, Any], num_classes: int, where: str
+) -> ImagePredictions:
+    """Check one ``{"boxes", "scores", "labels"}`` dict and turn it into numpy arrays.
+
+    ``where`` names the prediction in error messages (an image name, a file and entry).
+    """
+    for key in ("boxes", "scores", "labels"):
+        if key not in prediction:
+            raise EvaluationError(f"{where}: missing field {key!r}")
+    boxes = _as_numpy(prediction["boxes"]).astype(np.float64)
+    scores = _as_numpy(prediction["scores"]).astype(np.float64).reshape(-1)
+    labels_raw = _as_numpy(prediction["labels"]).reshape(-1)
+    if boxes.size == 0:
+        boxes = boxes.reshape(0, 4)
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise EvaluationError(f"{where}: 'boxes' must have shape [K, 4], got {list(boxes.shape)}")
+    if not (len(boxes) == len(scores) == len(labels_raw)):
+        raise EvaluationError(
+            f"{where}: 'boxes', 'scores' and 'labels' have different lengths "
+            f"({len(boxes)}, {len(scores)}, {len(labels_raw)})"
+        )
+    if len(labels_raw) and not np.issubdtype(labels_raw.dtype, np.integer):
+        raise EvaluationError(f"{where}: 'labels' must be integer class indices")
+    labels = labels_raw.astype(np.int64)
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = int(labels[(labels < 0) | (labels >= num_classes)][0])
+        raise EvaluationError(f"{where}: label {bad} is outside 0..{num_classes - 1}")
+    if not (np.isfinite(boxes).all() and np.isfinite(scores).all()):
+        raise EvaluationError(f"{where}: 'boxes' or 'scores' contain NaN or infinity")
+    return ImagePredictions(boxes=boxes, scores=scores, labels=labels)
+
+
+def merge_prediction_shards(shards: Iterable[PredictionStore]) -> PredictionStore:
+    """Merge the stores of several ranks; an image present in several counts once.
+
+    The first shard (lowest rank) that holds an image wins: ranks that saw the same image (the
+    padding of a ``DistributedSampler``) ran the same model on it, so their copies agree.
+    """
+    merged: PredictionStore = {}
+    for shard in shards:
+        for file_name, predictions in shard.items():
+            merged.setdefault(file_name, predictions)
+    return merged
+
+
+def gather_prediction_store(local: PredictionStore) -> PredictionStore:
+    """The merged store of all ranks, or ``local`` alone outside ``torch.distributed``."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return dict(local)
+    world_size = torch.distributed.get_world_size()
+    shards: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(shards, local)
+    return merge_prediction_shards(shards)
+
+
+class Evaluator:
+    """Base class: collects predictions per image; subclasses implement :meth:`compute`.
+
+    Attributes:
+        dataset: the split being evaluated (records and ``meta``).
+        notes: what the last :meth:`evaluate` did differently from the official protocol
+            (for example a fallback); empty when it followed it exactly.
+    """
+
+    def __init__(self, dataset: DetectionDataset):
+        self.dataset = dataset
+        self.notes: list[str] = []
+        self._file_names = {record.file_name for record in dataset.records}
+        self._store: PredictionStore = {}
+
+    def reset(self) -> None:
+        """Forget every processed prediction."""
+        self._store = {}
+        self.notes = []
+
+    def process(self, predictions: list[dict]) -> None:
+        """Store the predictions of a batch of images.
+
+        Args:
+            predictions: one dict per image: ``file_name`` (str, as the dataset names it),
+                ``boxes`` (``[K, 4]`` xyxy continuous pixels of the original image),
+                ``scores`` (``[K]``) and ``labels`` (``[K]`` int, 0-based); numpy arrays,
+                tensors or lists. An image processed twice keeps its first predictions.
+        """
+        for prediction in predictions:
+            file_name = prediction.get("file_name")
+            if not isinstance(file_name, str):
+                raise EvaluationError("a prediction has no 'file_name' string")
+            if file_name not in self._file_names:
+                raise EvaluationError(
+                    f"prediction for image {file_name!r}, which is not in the "
+                    f"{self.dataset.format} split {self.dataset.split!r}"
+                )
+            if file_name in self._store:
+                continue
+            self._store[file_name] = to_image_predictions(
+                prediction, self.dataset.num_classes, where=f"prediction for {file_name!r}"
+            )
+
+    def local_store(self) -> PredictionStore:
+        """This rank's processed predictions (what :func:`gather_prediction_store` sends)."""
+        return dict(self._store)
+
+    def evaluate(self) -> dict[str, float]:
+        """Gather the predictions of all ranks and compute the metrics (on every rank)."""
+        self.notes = []
+        metrics = self.compute(gather_prediction_store(self._store))
+        for note in self.notes:
+            logger.warning("%s evaluation: %s", self.dataset.format, note)
+        return {name: float(value) for name, value in metrics.items()}
+
+    def compute(self, store: PredictionStore) -> dict[str, float]:
+        """The protocol's metrics for ``store`` (images missing from it found nothing)."""
+        raise NotImplementedError
+
+    def predictions_for(self, store: PredictionStore, file_name: str) -> ImagePredictions:
+        return store.get(file_name) or ImagePredictions.empty()
+
+
+def nan_if_negative(value: float) -> float:
+    """pycocotools writes -1 where a metric has no ground truth; we report NaN there."""
+    return float("nan") if value < 0 or math.isnan(value) else float(value)
