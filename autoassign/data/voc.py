@@ -1,0 +1,280 @@
+"""PASCAL VOC: ``Annotations/<id>.xml``, ``ImageSets/Main/{split}.txt``, ``JPEGImages/<id>.jpg``.
+
+XML boxes are 1-based inclusive integer pixels; a box becomes
+``(xmin - 1, ymin - 1, xmax, ymax)`` in continuous 0-based pixels (the pixel ``xmax`` ends at
+``xmax`` in continuous coordinates). ``difficult`` objects are kept as ignore regions. The
+labels are the 20 standard classes in the standard order, whatever the XML files contain.
+VOC 07+12 is two roots: ``DataConfig.root`` plus ``extra_train_roots`` (see ``build_dataset``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from xml.parsers import expat
+
+import numpy as np
+
+from .errors import (
+    DUPLICATE_ID,
+    MALFORMED,
+    MISSING_FILE,
+    UNKNOWN_CATEGORY,
+    DatasetError,
+    Problem,
+    ProblemLog,
+    check_boxes,
+)
+from .images import check_image
+from .records import DetectionDataset, ImageRecord
+
+VOC_CLASSES = (
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
+_LABEL_OF = {name: label for label, name in enumerate(VOC_CLASSES)}
+
+
+def default_paths(root: Path, split: str) -> tuple[Path, Path]:
+    """``(annotations_dir, image_dir)``; the id list is always ``ImageSets/Main/{split}.txt``."""
+    return root / "Annotations", root / "JPEGImages"
+
+
+def split_file(root: Path, split: str) -> Path:
+    return root / "ImageSets" / "Main" / f"{split}.txt"
+
+
+def read_voc(
+    root: str | Path,
+    split: str,
+    *,
+    annotations_dir: str | Path | None = None,
+    image_dir: str | Path | None = None,
+    check_images: bool = False,
+    problems: ProblemLog | None = None,
+) -> DetectionDataset:
+    """Read the images listed in ``root/ImageSets/Main/{split}.txt``.
+
+    Args:
+        root: a VOC year folder (``VOCdevkit/VOC2007``).
+        annotations_dir, image_dir: override ``root/Annotations`` and ``root/JPEGImages``.
+        check_images: also check every image exists and has the XML's size.
+        problems: default a strict log raising :class:`DatasetError` on the first error.
+
+    Returns:
+        Records with ``image_id`` the id string and ``file_name`` ``<id>.jpg``; ``meta`` keys
+        ``root``, ``image_ids``, ``annotations_dir``, ``image_dir`` and ``problems``.
+    """
+    root = Path(root)
+    default_annotations, default_images = default_paths(root, split)
+    annotations_dir = Path(annotations_dir) if annotations_dir else default_annotations
+    image_dir = Path(image_dir) if image_dir else default_images
+    log = problems if problems is not None else ProblemLog()
+
+    records = []
+    for image_id in read_split_ids(split_file(root, split), log):
+        record = _read_annotation(annotations_dir / f"{image_id}.xml", image_id, image_dir, log)
+        if record is None:
+            continue
+        if check_images:
+            where = f"image id {image_id}"
+            size = (record.width, record.height)
+            xml = annotations_dir / f"{image_id}.xml"
+            if check_image(record.path, size, log, xml, where) is None:
+                continue
+        records.append(record)
+    return DetectionDataset(
+        format="voc",
+        split=split,
+        records=records,
+        class_names=list(VOC_CLASSES),
+        meta={
+            "root": root,
+            "image_ids": [r.image_id for r in records],
+            "annotations_dir": annotations_dir,
+            "image_dir": image_dir,
+            "problems": log.warnings,
+        },
+    )
+
+
+def read_split_ids(path: Path, log: ProblemLog) -> list[str]:
+    """The image ids of a split file, one per line; blank lines are skipped."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError as error:
+        raise DatasetError.from_problem(
+            Problem("error", MISSING_FILE, str(path), "", "split list does not exist")
+        ) from error
+    except (OSError, UnicodeDecodeError) as error:
+        raise DatasetError.from_problem(
+            Problem("error", MALFORMED, str(path), "", f"cannot read: {error}")
+        ) from error
+    ids: list[str] = []
+    first_line: dict[str, int] = {}
+    for number, line in enumerate(lines, start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 1:
+            log.error(MALFORMED, path, f"line {number}", f"expected one image id, got {line!r}")
+            continue
+        image_id = fields[0]
+        if image_id in first_line:
+            log.error(
+                DUPLICATE_ID,
+                path,
+                f"line {number}",
+                f"image id {image_id} already listed on line {first_line[image_id]}",
+            )
+            continue
+        first_line[image_id] = number
+        ids.append(image_id)
+    return ids
+
+
+@dataclass
+class _Element:
+    """An XML element with the line it starts on (ElementTree does not keep lines)."""
+
+    tag: str
+    line: int
+    text: str = ""
+    children: list[_Element] = field(default_factory=list)
+
+    def find(self, tag: str) -> _Element | None:
+        return next((child for child in self.children if child.tag == tag), None)
+
+    def text_of(self, tag: str) -> str | None:
+        child = self.find(tag)
+        return child.text.strip() if child is not None else None
+
+
+def _parse_xml(path: Path) -> _Element:
+    """Parse ``path`` into ``_Element``s; DatasetError with the line when malformed."""
+    parser = expat.ParserCreate()
+    stack: list[_Element] = []
+    root: list[_Element] = []
+
+    def start(tag: str, _attributes: dict) -> None:
+        element = _Element(tag, parser.CurrentLineNumber)
+        if stack:
+            stack[-1].children.append(element)
+        else:
+            root.append(element)
+        stack.append(element)
+
+    def end(_tag: str) -> None:
+        stack.pop()
+
+    def text(data: str) -> None:
+        if stack:
+            stack[-1].text += data
+
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    parser.CharacterDataHandler = text
+    try:
+        with open(path, "rb") as f:
+            parser.ParseFile(f)
+    except FileNotFoundError as error:
+        raise DatasetError.from_problem(
+            Problem("error", MISSING_FILE, str(path), "", "annotation file does not exist")
+        ) from error
+    except expat.ExpatError as error:
+        raise DatasetError.from_problem(
+            Problem("error", MALFORMED, str(path), f"line {error.lineno}", f"bad XML: {error}")
+        ) from error
+    return root[0]
+
+
+def _int_or_none(text: str | None) -> int | None:
+    try:
+        return int(float(text)) if text is not None else None
+    except ValueError:
+        return None
+
+
+def _read_annotation(
+    xml: Path, image_id: str, image_dir: Path, log: ProblemLog
+) -> ImageRecord | None:
+    """One XML file as a record; None (after logging) when it is unusable."""
+    try:
+        tree = _parse_xml(xml)
+    except DatasetError as error:
+        if log.strict:
+            raise
+        log.fatal(error)
+        return None
+    size = tree.find("size")
+    width = _int_or_none(size.text_of("width")) if size is not None else None
+    height = _int_or_none(size.text_of("height")) if size is not None else None
+    if not width or not height or width <= 0 or height <= 0:
+        line = size.line if size is not None else tree.line
+        log.error(MALFORMED, xml, f"line {line}", "needs <size> with positive width and height")
+        return None
+
+    coords: list[list[float]] = []
+    labels: list[int] = []
+    difficult: list[bool] = []
+    lines: list[int] = []
+    for obj in (child for child in tree.children if child.tag == "object"):
+        where = f"line {obj.line}"
+        name = obj.text_of("name")
+        if name not in _LABEL_OF:
+            log.error(UNKNOWN_CATEGORY, xml, where, f"unknown class {name!r}")
+            continue
+        box = obj.find("bndbox")
+        try:
+            values = [float(box.text_of(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+        except (AttributeError, TypeError, ValueError):
+            log.error(MALFORMED, xml, where, "needs <bndbox> with numeric xmin ymin xmax ymax")
+            continue
+        if not all(np.isfinite(values)):
+            log.error(MALFORMED, xml, where, f"non-finite box {values}")
+            continue
+        flag = _int_or_none(obj.text_of("difficult"))
+        coords.append(values)
+        labels.append(_LABEL_OF[name])
+        difficult.append(bool(flag))
+        lines.append(obj.line)
+
+    one_based = np.asarray(coords, dtype=np.float64).reshape(-1, 4)
+    xyxy = one_based - np.array([1.0, 1.0, 0.0, 0.0])
+    count = len(coords)
+    boxes, degenerate = check_boxes(
+        xyxy,
+        np.full(count, width),
+        np.full(count, height),
+        log,
+        xml,
+        lambda i: f"line {lines[i]}",
+    )
+    return ImageRecord(
+        file_name=f"{image_id}.jpg",
+        path=image_dir / f"{image_id}.jpg",
+        width=width,
+        height=height,
+        boxes=boxes,
+        labels=np.asarray(labels, dtype=np.int64),
+        ignore=np.asarray(difficult, dtype=bool) | degenerate,
+        image_id=image_id,
+    )
