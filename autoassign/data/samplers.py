@@ -29,6 +29,7 @@ from torch.utils.data import Sampler
 from autoassign.data.records import ImageRecord
 
 _UINT64 = (1 << 64) - 1
+_FLIP_STREAM = 0x666C6970  # "flip": keeps flip draws independent of the order's stream
 
 
 class SampleKey(NamedTuple):
@@ -58,11 +59,16 @@ def _rng(*entropy: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([value & _UINT64 for value in entropy]))
 
 
+def flip_draws(seed: int, epoch: int, count: int) -> np.ndarray:
+    """``[count]`` uniform draws in [0, 1); image ``i`` is flipped in ``epoch`` when draw ``i``
+    is below the flip probability. Draw ``i`` does not depend on ``count`` (one stream, read
+    from its start), so it is a function of ``(seed, epoch, i)`` alone."""
+    return _rng(seed, epoch, _FLIP_STREAM).random(count)
+
+
 def flip_decision(seed: int, epoch: int, index: int, prob: float) -> bool:
-    """Whether image ``index`` is flipped in ``epoch``: a pure function of its arguments."""
-    if prob <= 0:
-        return False
-    return bool(_rng(seed, epoch, index).random() < prob)
+    """Whether image ``index`` is flipped in ``epoch`` (one draw of :func:`flip_draws`)."""
+    return bool(flip_draws(seed, epoch, index + 1)[index] < prob)
 
 
 def orientation_groups(
@@ -147,12 +153,10 @@ class GroupedDistributedBatchSampler(Sampler[list[SampleKey]]):
         order = rng.permutation(len(batches))
         used = self.batches_per_epoch * self.world_size
         mine = [batches[i] for i in order[self.rank : used : self.world_size]]
+        num_indices = max((int(group.max()) + 1 for group in self.groups if len(group)), default=0)
+        flips = flip_draws(self.seed, epoch, num_indices) < self.flip_prob
         return [
-            [
-                SampleKey(int(index), flip_decision(self.seed, epoch, int(index), self.flip_prob))
-                for index in batch
-            ]
-            for batch in mine
+            [SampleKey(index, bool(flips[index])) for index in batch.tolist()] for batch in mine
         ]
 
     def __iter__(self) -> Iterator[list[SampleKey]]:
