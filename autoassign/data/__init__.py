@@ -139,6 +139,19 @@ def _read_root(
     log: ProblemLog | None,
 ) -> DetectionDataset:
     """One split of one root; ``cfg.paths`` applies to the main root only."""
+    dataset = _read_format(cfg, root, split, overrides, check_images, log)
+    dataset.meta.setdefault("root", root)
+    return dataset
+
+
+def _read_format(
+    cfg: DataConfig,
+    root: Path,
+    split: str,
+    overrides: bool,
+    check_images: bool,
+    log: ProblemLog | None,
+) -> DetectionDataset:
     override = cfg.paths.get(split) if overrides else None
     annotations = override.annotations if override else None
     images = override.images if override else None

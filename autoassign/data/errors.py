@@ -21,6 +21,8 @@ from typing import Literal
 
 import numpy as np
 
+from ..errors import DatasetError as _LibraryDatasetError
+
 Severity = Literal["error", "warning"]
 
 # Problem kinds, the vocabulary of ``Problem.kind``.
@@ -54,8 +56,12 @@ class Problem:
         return asdict(self)
 
 
-class DatasetError(Exception):
-    """Malformed or unusable dataset input; the message names the file and the line or id."""
+class DatasetError(_LibraryDatasetError):
+    """Malformed or unusable dataset input; the message names the file and the line or id.
+
+    A subclass of the library's ``autoassign.errors.DatasetError`` (an ``Exception``), so
+    the command-line entry points print it without a traceback.
+    """
 
     def __init__(self, message: str, problem: Problem | None = None) -> None:
         super().__init__(message)
@@ -145,7 +151,7 @@ def check_boxes(
     degenerate = (clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1])
 
     for i in np.flatnonzero(non_positive | outside):
-        box = ", ".join(f"{v:g}" for v in boxes[i])
+        box = "x1 y1 x2 y2 = " + " ".join(f"{v:g}" for v in boxes[i])
         if non_positive[i]:
             log.warning(
                 BOX_SIZE,
