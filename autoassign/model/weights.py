@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from autoassign.errors import AutoAssignError
+
 __all__ = [
     "WeightsError",
     "read_weights_file",
@@ -40,7 +42,7 @@ __all__ = [
 ]
 
 
-class WeightsError(Exception):
+class WeightsError(AutoAssignError):
     """A weights file that cannot be read or does not fit the model; names the file."""
 
 
@@ -55,6 +57,8 @@ _NUMPY_GLOBALS = {
     ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"),
     ("numpy._core.multiarray", "scalar"),
+    # Protocol-2 pickles written by Python 3 store an array's raw bytes through this.
+    ("_codecs", "encode"),
 }
 
 
@@ -115,20 +119,31 @@ def _unwrap(path: Path, obj: dict[str, object]) -> dict[str, Tensor]:
 
 
 def _load_into(module: nn.Module, state_dict: dict[str, Tensor], path: Path, what: str) -> None:
-    """``module.load_state_dict`` with every mismatch reported as one WeightsError."""
-    try:
-        result = module.load_state_dict(state_dict, strict=False)
-    except RuntimeError as error:  # shape mismatches
-        raise WeightsError(f"{path}: {what} does not fit the model: {error}") from error
-    # A trainable BatchNorm's step counter is meaningless in a converted file.
-    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
-    unexpected = list(result.unexpected_keys)
-    if missing or unexpected:
-        raise WeightsError(
-            f"{path}: {what} does not match the model: "
-            f"missing keys ({len(missing)}): {missing}; "
-            f"unexpected keys ({len(unexpected)}): {unexpected}"
+    """``module.load_state_dict`` with every mismatch reported in one WeightsError: missing
+    and unexpected keys and shape mismatches, all listed."""
+    expected = module.state_dict()
+    # A BatchNorm step counter is meaningless for frozen statistics, whichever side lacks it.
+    counter = "num_batches_tracked"
+    state_dict = {k: v for k, v in state_dict.items() if k in expected or not k.endswith(counter)}
+    missing = [k for k in expected if k not in state_dict and not k.endswith(counter)]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        f"{k}: file {tuple(v.shape)}, model {tuple(expected[k].shape)}"
+        for k, v in state_dict.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    problems = [
+        f"{label} ({len(keys)}): {keys}"
+        for label, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mismatched),
         )
+        if keys
+    ]
+    if problems:
+        raise WeightsError(f"{path}: {what} does not match the model: " + "; ".join(problems))
+    module.load_state_dict(state_dict, strict=False)
 
 
 # --------------------------------------------------------------------------------------------
