@@ -14,6 +14,7 @@ do by default. Prints images/s per worker and the ratio to the peer; the target 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -41,7 +42,7 @@ def synthetic_dataset(folder: Path, num_images: int) -> DetectionDataset:
         from autoassign.data.synthetic import write_synthetic
     except ImportError:
         return _own_jpegs(folder, num_images)
-    data_cfg = DataConfig(format="coco", root=folder)
+    data_cfg = DataConfig(format="coco", root=folder, skip_empty_train_images=False)
     try:
         dataset = build_dataset(data_cfg, "train")
         if len(dataset) >= num_images:
@@ -100,37 +101,36 @@ def _own_jpegs(folder: Path, num_images: int) -> DetectionDataset:
     return DetectionDataset("coco", "train", records, [f"class{i}" for i in range(8)])
 
 
-def pipeline_rate(
+def build_loader(
     dataset: DetectionDataset, input_cfg: InputConfig, num_workers: int, batch_size: int
-) -> float:
-    """Images/s of the train loader over one epoch, after one warm-up epoch (which also
-    starts the persistent workers)."""
+):
+    """The train loader, after one warm-up epoch (which also starts its persistent workers)."""
     data_cfg = DataConfig(batch_size=batch_size, num_workers=num_workers, flip_prob=0.5)
     loader = build_train_loader(dataset, data_cfg, input_cfg, seed=0, rank=0, world_size=1)
     for _ in loader:
         pass
-    loader.batch_sampler.set_epoch(1)
+    return loader
+
+
+def loader_rate(loader, epoch: int) -> float:
+    """Images/s of one epoch of ``loader``."""
+    loader.batch_sampler.set_epoch(epoch)
     images = 0
     start = time.perf_counter()
     for batch in loader:
         images += len(batch)
-    elapsed = time.perf_counter() - start
-    del loader
-    return images / elapsed
+    return images / (time.perf_counter() - start)
 
 
 def peer_rate(dataset: DetectionDataset, input_cfg: InputConfig) -> float:
     """Images/s of a plain loop: read, decode to RGB, bilinear antialiased resize, flip every
     other image; no targets, grouping, collation or workers."""
     paths = [record.path for record in dataset.records]
-    for path in paths[:4]:  # warm-up
-        decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
     start = time.perf_counter()
     for index, path in enumerate(paths):
         image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-        size = resized_size(
-            image.shape[-2], image.shape[-1], input_cfg.min_size, input_cfg.max_size
-        )
+        height, width = image.shape[-2:]
+        size = resized_size(height, width, input_cfg.min_size, input_cfg.max_size)
         image = F.resize(image, list(size), InterpolationMode.BILINEAR, antialias=True)
         if index % 2:
             image = image.flip(-1)
@@ -142,6 +142,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=96, help="images in the set (default 96)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="epochs measured per setting; medians reported"
+    )
     parser.add_argument(
         "--dir",
         type=Path,
@@ -155,13 +158,25 @@ def main() -> None:
     dataset = synthetic_dataset(args.dir, args.images)
     print(
         f"{len(dataset)} images of {dataset.records[0].width}x{dataset.records[0].height}, "
-        f"batch size {args.batch_size}, torch threads per process 1"
+        f"batch size {args.batch_size}, torch threads per process 1, "
+        f"median of {args.rounds} epochs each"
     )
+    peer_rate(dataset, input_cfg)  # warm-up: file cache, allocator
+    loaders = {w: build_loader(dataset, input_cfg, w, args.batch_size) for w in args.workers}
+    # Rounds interleave the settings, so that a burst of load on a shared machine hits them
+    # alike rather than one of them.
+    peer_rates: list[float] = []
+    rates: dict[int, list[float]] = {w: [] for w in args.workers}
+    for round_index in range(args.rounds):
+        peer_rates.append(peer_rate(dataset, input_cfg))
+        for num_workers, loader in loaders.items():
+            rates[num_workers].append(loader_rate(loader, epoch=1 + round_index))
+    del loaders
 
-    peer = peer_rate(dataset, input_cfg)
+    peer = statistics.median(peer_rates)
     print(f"peer (plain decode + resize + flip loop, 1 thread): {peer:7.1f} img/s")
     for num_workers in args.workers:
-        total = pipeline_rate(dataset, input_cfg, num_workers, args.batch_size)
+        total = statistics.median(rates[num_workers])
         per_worker = total / max(num_workers, 1)
         verdict = "ok" if per_worker >= TARGET_PER_WORKER else f"below {TARGET_PER_WORKER:g}"
         print(

@@ -362,3 +362,35 @@ def test_eval_loader_keeps_the_last_partial_batch(dataset):
     loader = build_eval_loader(dataset, INPUT, batch_size=5, num_workers=0)
     sizes = [len(batch) for batch in loader]
     assert sizes == [5, 5, 5, 5, 4]
+
+
+# --------------------------------------------------------------------------------------------
+# With the project's dataset readers
+# --------------------------------------------------------------------------------------------
+
+
+def test_loaders_over_a_synthetic_coco_split(tmp_path):
+    from autoassign.data import build_dataset
+    from autoassign.data.synthetic import write_synthetic
+
+    write_synthetic(
+        "coco", tmp_path, num_images=6, num_classes=3, image_size=(96, 64), seed=1, splits=["train"]
+    )
+    data_cfg = _data_cfg(root=tmp_path, batch_size=2, num_workers=0, flip_prob=0.0)
+    dataset = build_dataset(data_cfg, "train")
+    input_cfg = InputConfig(min_size=32, max_size=64, size_divisor=32)
+
+    batches = list(build_train_loader(dataset, data_cfg, input_cfg, seed=0))
+    evaluated = list(build_eval_loader(dataset, input_cfg, batch_size=4, num_workers=0))
+
+    assert len(batches) == iterations_per_epoch(dataset, data_cfg) == len(dataset) // 2
+    for batch in batches:
+        assert batch.images.shape[1:] == (3, 32, 64)  # 96x64 -> 48x32, padded to 64x32
+        assert batch.image_sizes == [(32, 48)] * len(batch)
+        for index, target in zip(batch.indices, batch.targets):
+            record = dataset.records[index]
+            kept = ~record.ignore
+            expected = torch.from_numpy(record.boxes[kept]) / 2  # scale 0.5 on both axes
+            torch.testing.assert_close(target["boxes"], expected)
+            assert target["labels"].tolist() == record.labels[kept].tolist()
+    assert [i for batch in evaluated for i in batch.indices] == list(range(len(dataset)))
