@@ -1,0 +1,276 @@
+"""WiderFace evaluator: each step of the official tool on hand-made cases with known AP.
+
+The ground truth is written as real ``.mat`` files in the official layout (cell arrays
+``event_list``, ``file_list``, ``face_bbx_list``, ``gt_list`` with 1-based face indices).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+
+from autoassign.config import EvalConfig
+from autoassign.data.records import DetectionDataset, ImageRecord
+from autoassign.eval import EvaluationError, WiderFaceEvaluator, build_evaluator
+
+SETTINGS = ("easy", "medium", "hard")
+
+
+@dataclass
+class Image:
+    """One image: faces ``x y w h``, the 1-based faces each setting counts (all by default)."""
+
+    event: str
+    name: str
+    faces: list[list[float]]
+    counted: dict[str, list[int]] = field(default_factory=dict)
+    attributes: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.event}/{self.name}.jpg"
+
+    def counted_in(self, setting: str) -> list[int]:
+        return self.counted.get(setting, list(range(1, len(self.faces) + 1)))
+
+
+def cell(items: list) -> np.ndarray:
+    array = np.empty((len(items), 1), dtype=object)
+    for i, item in enumerate(items):
+        array[i, 0] = item
+    return array
+
+
+def write_ground_truth(directory: Path, images: list[Image]) -> None:
+    """The four official .mat files for ``images``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    events = list(dict.fromkeys(image.event for image in images))
+    per_event = [[image for image in images if image.event == event] for event in events]
+    faces = cell(
+        [cell([np.array(i.faces, np.float64).reshape(-1, 4) for i in group]) for group in per_event]
+    )
+    files = cell([cell([i.name for i in group]) for group in per_event])
+    scipy.io.savemat(
+        directory / "wider_face_val.mat",
+        {"event_list": cell(events), "file_list": files, "face_bbx_list": faces},
+    )
+    for setting in SETTINGS:
+        gt_list = cell(
+            [
+                cell([np.array(i.counted_in(setting), np.int32).reshape(-1, 1) for i in group])
+                for group in per_event
+            ]
+        )
+        scipy.io.savemat(
+            directory / f"wider_{setting}_val.mat",
+            {"event_list": cell(events), "file_list": files, "gt_list": gt_list},
+        )
+
+
+def make_dataset(root: Path, images: list[Image], invalid=()) -> DetectionDataset:
+    """Records as the WiderFace reader makes them: ``x1 y1 x2 y2`` = ``x, y, x + w, y + h``."""
+    records = []
+    for index, image in enumerate(images):
+        xywh = np.array(image.faces, np.float32).reshape(-1, 4)
+        boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+        records.append(
+            ImageRecord(
+                file_name=image.file_name,
+                path=root / "images" / image.file_name,
+                width=1024,
+                height=768,
+                boxes=boxes,
+                labels=np.zeros(len(boxes), np.int64),
+                ignore=np.array([(index, k) in invalid for k in range(len(boxes))], bool),
+                image_id=index,
+                attributes={k: np.array(v, np.int64) for k, v in image.attributes.items()},
+            )
+        )
+    return DetectionDataset("widerface", "val", records, ["face"], meta={"root": root})
+
+
+def det(image: Image, boxes_xyxy, scores) -> dict:
+    return {
+        "file_name": image.file_name,
+        "boxes": np.array(boxes_xyxy, np.float64).reshape(-1, 4),
+        "scores": np.array(scores, np.float64),
+        "labels": np.zeros(len(scores), np.int64),
+    }
+
+
+def xyxy(face: list[float]) -> list[float]:
+    x, y, w, h = face
+    return [x, y, x + w, y + h]
+
+
+def evaluate(tmp_path: Path, images: list[Image], predictions: list[dict], **kwargs):
+    write_ground_truth(tmp_path / "ground_truth", images)
+    evaluator = build_evaluator(make_dataset(tmp_path, images, **kwargs))
+    evaluator.process(predictions)
+    return evaluator.evaluate(), evaluator
+
+
+FACE_A = [10, 10, 40, 40]
+FACE_B = [100, 100, 40, 40]
+NOWHERE = [300, 300, 340, 340]
+
+
+def test_scores_are_min_max_normalised_over_the_split(tmp_path):
+    image = Image("0--Parade", "0_Parade_1", [FACE_A, FACE_B])
+    # Raw scores 0.5004 (hit A), 0.5 (miss), 0.4 (hit B). Normalised: 1.0, 0.996, 0.0, so
+    # thresholds 0.999 .. 0.997 see the first hit alone: precision 1 at recall 1/2; then
+    # precision 1/2 at recall 1/2, and 2/3 at recall 1 (threshold 0).
+    # AP = 1/2 * 1 + 1/2 * 2/3. On raw scores the hit and the miss would never separate
+    # (both pass threshold 0.500, neither 0.501) and AP would be 1/2 * 2/3 + 1/2 * 2/3.
+    boxes = [xyxy(FACE_A), NOWHERE, xyxy(FACE_B)]
+    metrics, evaluator = evaluate(tmp_path, [image], [det(image, boxes, [0.5004, 0.5, 0.4])])
+    assert metrics["AP_hard"] == pytest.approx(0.5 + 0.5 * 2 / 3)
+    assert evaluator.notes == []
+
+    # Any increasing affine change of the scores gives the same normalised scores.
+    shifted, _ = evaluate(tmp_path, [image], [det(image, boxes, [7.5012, 7.5, 7.2])])
+    assert shifted["AP_hard"] == pytest.approx(metrics["AP_hard"])
+
+
+def test_faces_outside_a_setting_are_ignored(tmp_path):
+    # Face B does not count in easy and medium; a detection on it is ignored there (not a
+    # false positive). Normalised scores: on B 1.0, on A 0.5, miss 0.0.
+    image = Image("1--Handshaking", "1_Handshaking_1", [FACE_A, FACE_B], {"easy": [1]})
+    image.counted["medium"] = [1]
+    boxes = [xyxy(FACE_B), xyxy(FACE_A), NOWHERE]
+    metrics, _ = evaluate(tmp_path, [image], [det(image, boxes, [0.9, 0.5, 0.1])])
+    # easy: thresholds above 0.5 have no proposal (0/0 precision, recall 0, adds nothing);
+    # then the hit on A: precision 1 at recall 1; the miss: 1/2 at recall 1. AP = 1.
+    # Were the detection on B a false positive, AP would be 1/2.
+    assert metrics["AP_easy"] == pytest.approx(1.0)
+    assert metrics["AP_medium"] == pytest.approx(1.0)
+    # hard counts both: 1 at recall 1/2, 1 at recall 1.
+    assert metrics["AP_hard"] == pytest.approx(1.0)
+
+
+def test_a_face_recalled_twice_counts_once(tmp_path):
+    image = Image("0--Parade", "0_Parade_2", [FACE_A, FACE_B])
+    boxes = [xyxy(FACE_A), [11, 10, 51, 50], xyxy(FACE_B)]
+    metrics, _ = evaluate(tmp_path, [image], [det(image, boxes, [0.9, 0.8, 0.1])])
+    # precision 1 at recall 1/2; 1/2 at recall 1/2; 2/3 at recall 1.
+    assert metrics["AP_hard"] == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+
+
+def test_legacy_plus_one_iou_at_exactly_one_half(tmp_path):
+    # Face x y w h = 0 0 9 9 is the box (0, 0, 9, 9): 10 x 10 pixels with the +1 widths.
+    # Detection (0, 0, 9, 19): 10 x 20 pixels, IoU = 100 / 200 = 0.5, which matches (>= 0.5).
+    # Without the +1 it would be 81 / 171 < 0.5. A second image with faces and a low-score
+    # miss sets the normalisation minimum.
+    tiny = Image("2--Demonstration", "2_Demonstration_1", [[0, 0, 9, 9]])
+    other = Image("2--Demonstration", "2_Demonstration_2", [FACE_A])
+    predictions = [det(tiny, [[0, 0, 9, 19]], [0.9]), det(other, [NOWHERE], [0.1])]
+    metrics, _ = evaluate(tmp_path, [tiny, other], predictions)
+    # Recall 1/2 at precision 1, then precision 1/2 at the same recall: AP = 1/2.
+    assert metrics["AP_hard"] == pytest.approx(0.5)
+
+    # One more pixel of height: 100 / 210 < 0.5, no match.
+    predictions[0] = det(tiny, [[0, 0, 9, 20]], [0.9])
+    metrics, _ = evaluate(tmp_path, [tiny, other], predictions)
+    assert metrics["AP_hard"] == 0.0
+
+
+def test_images_without_faces_or_detections_are_skipped(tmp_path):
+    hit = Image("3--Riot", "3_Riot_1", [FACE_A])
+    no_faces = Image("3--Riot", "3_Riot_2", [])
+    undetected = Image("4--Dancing", "4_Dancing_1", [FACE_A])
+    miss = Image("4--Dancing", "4_Dancing_2", [FACE_B])
+    predictions = [
+        det(hit, [xyxy(FACE_A)], [0.6]),
+        det(no_faces, [NOWHERE], [0.9]),  # the maximum score, but counts nowhere else
+        det(miss, [NOWHERE], [0.3]),  # the minimum score
+    ]
+    # Normalised: hit 0.5, no-face 1.0, miss 0.0. Thresholds above 0.5: no proposal.
+    # (0, 0.5]: precision 1 at recall 1/3 (3 counted faces, the undetected one included).
+    # 0: precision 1/2 at recall 1/3. AP = 1/3. Had the no-face detection been a false
+    # positive AP would be 1/6; had the undetected face been dropped, 1/2.
+    metrics, _ = evaluate(tmp_path, [hit, no_faces, undetected, miss], predictions)
+    assert metrics["AP_hard"] == pytest.approx(1 / 3)
+
+
+def test_images_are_matched_by_event_and_name(tmp_path):
+    first = Image("5--Car_Accident", "5_Car_Accident_1", [FACE_A])
+    second = Image("6--Funeral", "6_Funeral_1", [FACE_B])
+    absent = Image("6--Funeral", "6_Funeral_2", [FACE_A])
+    write_ground_truth(tmp_path / "ground_truth", [first, second, absent])
+    # The dataset lists the images in another order and lacks one of the .mat images.
+    dataset = make_dataset(tmp_path, [second, first])
+    evaluator = WiderFaceEvaluator(dataset)
+    evaluator.process([det(first, [xyxy(FACE_A)], [0.9]), det(second, [NOWHERE], [0.2])])
+    metrics = evaluator.evaluate()
+    # hit (1.0) then miss (0.0) over 2 faces: 1 at recall 1/2, 1/2 at recall 1/2.
+    assert metrics["AP_hard"] == pytest.approx(0.5)
+    assert any(
+        "1 images of wider_face_val.mat are not in the dataset" in n for n in evaluator.notes
+    )
+
+
+def test_explicit_ground_truth_folder(tmp_path):
+    image = Image("0--Parade", "0_Parade_1", [FACE_A])
+    write_ground_truth(tmp_path / "elsewhere", [image])
+    dataset = make_dataset(tmp_path / "root-without-ground-truth", [image])
+    cfg = EvalConfig(widerface_ground_truth=tmp_path / "elsewhere")
+    evaluator = build_evaluator(dataset, cfg)
+    evaluator.process([det(image, [xyxy(FACE_A), NOWHERE], [0.9, 0.1])])
+    assert evaluator.evaluate()["AP_easy"] == pytest.approx(1.0)
+    assert evaluator.notes == []
+
+    missing = build_evaluator(dataset, EvalConfig(widerface_ground_truth=tmp_path / "nothing"))
+    with pytest.raises(EvaluationError, match="wider_face_val.mat"):
+        missing.evaluate()
+
+
+def test_fallback_rule_without_mat_files(tmp_path):
+    # Heights 60 (easy), 30 (medium), 12 (hard only), 5 (no setting).
+    faces = [[10, 10, 50, 60], [100, 10, 25, 30], [200, 10, 10, 12], [300, 10, 4, 5]]
+    image = Image(
+        "7--Cheering",
+        "7_Cheering_1",
+        faces,
+        attributes={"occlusion": [0, 1, 2, 0], "blur": [0, 1, 2, 0]},
+    )
+    dataset = make_dataset(tmp_path, [image])  # no ground_truth folder under the root
+    evaluator = build_evaluator(dataset)
+    boxes = [NOWHERE] + [xyxy(face) for face in faces]
+    # Normalised over 0.1 .. 0.95: miss 1.0, then the faces by height, the 5 px face last.
+    evaluator.process([det(image, boxes, [0.95, 0.8, 0.7, 0.6, 0.1])])
+    metrics = evaluator.evaluate()
+    assert any("fallback rule" in note for note in evaluator.notes)
+    assert all(isinstance(value, float) for value in metrics.values())
+    # easy counts the 60 px face: the miss, then the hit -> 1/2 at recall 1.
+    assert metrics["AP_easy"] == pytest.approx(0.5)
+    # medium: 1/2 at recall 1/2, 2/3 at recall 1 -> envelope 2/3 everywhere.
+    assert metrics["AP_medium"] == pytest.approx(2 / 3)
+    # hard: 1/2, 2/3, 3/4 at recall 1/3, 2/3, 1 -> 3/4.
+    assert metrics["AP_hard"] == pytest.approx(3 / 4)
+
+
+def test_fallback_ignores_invalid_faces(tmp_path):
+    image = Image("7--Cheering", "7_Cheering_2", [[10, 10, 50, 60], [100, 10, 50, 60]])
+    dataset = make_dataset(tmp_path, [image], invalid={(0, 1)})
+    evaluator = build_evaluator(dataset)
+    # The detection on the invalid face is neither a hit nor a miss.
+    evaluator.process([det(image, [xyxy(image.faces[1]), xyxy(image.faces[0])], [0.9, 0.1])])
+    assert evaluator.evaluate()["AP_easy"] == pytest.approx(1.0)
+
+
+def test_no_detections_at_all(tmp_path):
+    image = Image("0--Parade", "0_Parade_1", [FACE_A])
+    metrics, _ = evaluate(tmp_path, [image], [])
+    assert metrics == {"AP_easy": 0.0, "AP_medium": 0.0, "AP_hard": 0.0}
+
+
+def test_setting_without_counted_faces_is_nan(tmp_path):
+    image = Image("0--Parade", "0_Parade_1", [FACE_A], {"easy": []})
+    metrics, _ = evaluate(tmp_path, [image], [det(image, [xyxy(FACE_A), NOWHERE], [0.9, 0.1])])
+    assert math.isnan(metrics["AP_easy"])
+    assert metrics["AP_hard"] == pytest.approx(1.0)
