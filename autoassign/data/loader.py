@@ -14,6 +14,7 @@ number of batches left in the current epoch; :func:`iterations_per_epoch` is the
 from __future__ import annotations
 
 import math
+import pickle
 import random
 from dataclasses import dataclass, field
 
@@ -23,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from autoassign.config import DataConfig, InputConfig
-from autoassign.data.records import DetectionDataset
+from autoassign.data.records import DetectionDataset, ImageRecord
 from autoassign.data.samplers import (
     GroupedDistributedBatchSampler,
     SampleKey,
@@ -140,12 +141,33 @@ def _empty_images(shape: tuple[int, int, int, int]) -> Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
 
 
+class PackedRecords:
+    """The records pickled into one byte array, read back one at a time.
+
+    Forked loader workers would otherwise copy, page by page, the parent's list of Python
+    objects as soon as they touch its reference counts: for a large dataset, its whole size
+    again in every worker. One NumPy buffer has no per-record reference counts to touch.
+    """
+
+    def __init__(self, records: list[ImageRecord]) -> None:
+        blobs = [pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL) for record in records]
+        self._ends = np.cumsum([len(blob) for blob in blobs], dtype=np.int64)
+        self._bytes = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, index: int) -> ImageRecord:
+        start = int(self._ends[index - 1]) if index > 0 else 0
+        return pickle.loads(self._bytes[start : int(self._ends[index])].tobytes())
+
+
 class DetectionImages(Dataset):
     """Map-style view of a :class:`DetectionDataset` keyed by :class:`SampleKey`: decodes,
     resizes and (in training, when the key says so) flips one record."""
 
     def __init__(self, dataset: DetectionDataset, input_cfg: InputConfig, *, train: bool):
-        self.records = dataset.records
+        self.records = PackedRecords(dataset.records)
         self.min_size = input_cfg.min_size
         self.max_size = input_cfg.max_size
         self.train = train
