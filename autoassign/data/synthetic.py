@@ -167,8 +167,10 @@ def _diamond(d: ImageDraw.ImageDraw, w: int, h: int) -> None:
 
 def _crescent(d: ImageDraw.ImageDraw, w: int, h: int) -> None:
     d.ellipse((0, 0, w - 1, h - 1), fill=255)
-    shift = 0.38 * w
-    d.ellipse((shift, -0.08 * h, w - 1 + shift, (h - 1) * 1.08), fill=0)
+    # A slightly flatter disc shifted right leaves a thick left side and two horns; the box
+    # centre falls in the bite.
+    shift = 0.3 * w
+    d.ellipse((shift, 0.1 * h, w - 1 + shift, (h - 1) * 0.9), fill=0)
 
 
 def _plus(d: ImageDraw.ImageDraw, w: int, h: int) -> None:
@@ -206,6 +208,13 @@ _DRAWERS: dict[str, Callable[[ImageDraw.ImageDraw, int, int], None]] = {
     "u_shape": _u_shape,
     "face": _disc,  # the face's outline; eyes and mouth are drawn on top
 }
+
+
+def render_mask(shape: str, width: int, height: int) -> np.ndarray:
+    """``[height, width]`` bool: the pixels ``shape`` covers when drawn in that cell."""
+    mask = Image.new("L", (width, height), 0)
+    _DRAWERS[shape](ImageDraw.Draw(mask), width, height)
+    return np.asarray(mask) > 0
 
 
 @dataclass
@@ -401,6 +410,9 @@ class SyntheticDataset:
     class_names: list[str]
     images: dict[str, int]
     boxes: dict[str, int]
+    objects: dict[str, list[tuple[str, list[DrawnObject]]]] = field(default_factory=dict)
+    """Per split, ``(file_name, drawn objects)`` of every image in writing order: what a
+    reader must give back (``file_name`` as the format's reader names the image)."""
 
 
 def write_synthetic(
@@ -448,9 +460,10 @@ def write_synthetic(
             for i in range(n)
         ]
         options = {"version": objects365_version} if format == "objects365" else {}
-        boxes = writer(root, split, rngs, (width, height), count, **options)
+        written = writer(root, split, rngs, (width, height), count, **options)
         summary.images[split] = n
-        summary.boxes[split] = boxes
+        summary.boxes[split] = sum(len(objects) for _, objects in written)
+        summary.objects[split] = written
     if format == "voc" and {"train", "val"} <= set(splits):
         main = root / "ImageSets" / "Main"
         trainval = (main / "train.txt").read_text() + (main / "val.txt").read_text()
@@ -482,19 +495,21 @@ def _write_coco_like(
     categories: list[dict],
     image_entry: Callable[[int], tuple[int, str, Path]],
     empty_every: int,
-) -> int:
-    """Images plus one COCO-style json; returns the number of boxes written."""
+) -> list[tuple[str, list[DrawnObject]]]:
+    """Images plus one COCO-style json; returns what was drawn per image."""
     width, height = size
     category_ids = sorted(c["id"] for c in categories)
-    images, annotations = [], []
+    images, annotations, written = [], [], []
     for index, rng in enumerate(rngs):
         image_id, file_name, path = image_entry(index)
         empty = empty_every > 0 and index % empty_every == empty_every - 1
         canvas, objects = _shape_scene(rng, width, height, num_classes, empty)
         _save_jpeg(canvas, path)
         images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
+        written.append((file_name, objects))
         for obj in objects:
             x1, y1, x2, y2 = obj.box
+            obj.flags["iscrowd"] = int(rng.random() < 0.05)
             annotations.append(
                 {
                     "id": len(annotations) + 1,
@@ -502,7 +517,7 @@ def _write_coco_like(
                     "category_id": category_ids[obj.label],
                     "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
                     "area": float(obj.area),
-                    "iscrowd": int(rng.random() < 0.05),
+                    "iscrowd": obj.flags["iscrowd"],
                     "segmentation": [[x1, y1, x2, y1, x2, y2, x1, y2]],
                 }
             )
@@ -515,12 +530,12 @@ def _write_coco_like(
     }
     annotation_file.parent.mkdir(parents=True, exist_ok=True)
     annotation_file.write_text(json.dumps(data))
-    return len(annotations)
+    return written
 
 
 def _write_coco_split(
     root: Path, split: str, rngs: list[np.random.Generator], size, num_classes: int
-) -> int:
+) -> list[tuple[str, list[DrawnObject]]]:
     ids = _coco_category_ids(num_classes)
     # Listed in reverse id order: readers must sort by id, not trust the order.
     categories = [
@@ -550,7 +565,7 @@ def _write_objects365_split(
     size,
     num_classes: int,
     version: int,
-) -> int:
+) -> list[tuple[str, list[DrawnObject]]]:
     # Trailing spaces on every other name, as in the real v2 json.
     categories = [
         {"id": label + 1, "name": SHAPES[label] + (" " if label % 2 else "")}
@@ -579,9 +594,9 @@ def _write_objects365_split(
 
 def _write_voc_split(
     root: Path, split: str, rngs: list[np.random.Generator], size, num_classes: int
-) -> int:
+) -> list[tuple[str, list[DrawnObject]]]:
     width, height = size
-    ids, total = [], 0
+    ids, written = [], []
     for index, rng in enumerate(rngs):
         image_id = f"{split}_{index:06d}"
         canvas, objects = _shape_scene(rng, width, height, num_classes, empty=False)
@@ -596,7 +611,7 @@ def _write_voc_split(
         ]
         for obj in objects:
             x1, y1, x2, y2 = obj.box
-            difficult = int(rng.random() < 0.08)
+            difficult = obj.flags["difficult"] = int(rng.random() < 0.08)
             # VOC is 1-based inclusive: pixels x1..x2-1 are written as x1+1..x2.
             parts.append(
                 f"\t<object>\n\t\t<name>{VOC_CLASSES[obj.label]}</name>\n"
@@ -610,16 +625,16 @@ def _write_voc_split(
         xml.parent.mkdir(parents=True, exist_ok=True)
         xml.write_text("\n".join(parts))
         ids.append(image_id)
-        total += len(objects)
+        written.append((f"{image_id}.jpg", objects))
     main = root / "ImageSets" / "Main"
     main.mkdir(parents=True, exist_ok=True)
     (main / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
-    return total
+    return written
 
 
 def _write_widerface_split(
     root: Path, split: str, rngs: list[np.random.Generator], size, num_classes: int
-) -> int:
+) -> list[tuple[str, list[DrawnObject]]]:
     width, height = size
     image_dir = root / f"WIDER_{split}" / "images"
     lines: list[str] = []
@@ -644,7 +659,7 @@ def _write_widerface_split(
     gt_file.write_text("\n".join(lines) + "\n")
     if split != "train":
         write_widerface_mat(root / "ground_truth", split, entries)
-    return sum(len(faces) for _, _, faces in entries)
+    return [(f"{event}/{name}.jpg", faces) for event, name, faces in entries]
 
 
 _FACE_COLUMNS = ("blur", "expression", "illumination", "invalid", "occlusion", "pose")
