@@ -34,3 +34,24 @@ class NonFiniteLossError(AutoAssignError):
         super().__init__(message)
         self.iteration = iteration
         self.losses = losses
+
+
+def user_error_exit_code(error: BaseException) -> int | None:
+    """The exit status a CLI uses for ``error`` when it is a bad-input error, else None.
+
+    Bad input: our own errors, and the data and evaluation packages' errors about files
+    (their messages name the file and place).
+    """
+    if isinstance(error, AutoAssignError):
+        return error.exit_code
+    from autoassign.data.errors import DatasetError as DataFileError
+    from autoassign.data.transforms import ImageLoadError
+
+    known: tuple[type[BaseException], ...] = (DataFileError, ImageLoadError)
+    try:
+        from autoassign.eval.base import EvaluationError
+
+        known += (EvaluationError,)
+    except ImportError:  # evaluation package not importable: nothing of its to recognise
+        pass
+    return 1 if isinstance(error, known) else None

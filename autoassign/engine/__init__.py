@@ -1,0 +1,26 @@
+"""The training engine: the one loop (``Trainer``), its callbacks, optimizer and checkpoints."""
+
+from autoassign.engine.callbacks import (
+    Callback,
+    CallbackList,
+    MetricsFileWriter,
+    ProgressLogger,
+)
+from autoassign.engine.checkpoint import load_checkpoint, save_checkpoint
+from autoassign.engine.optim import WarmupStepSchedule, build_optimizer, scaled_lr
+from autoassign.engine.state import TrainState
+from autoassign.engine.trainer import Trainer
+
+__all__ = [
+    "Callback",
+    "CallbackList",
+    "MetricsFileWriter",
+    "ProgressLogger",
+    "TrainState",
+    "Trainer",
+    "WarmupStepSchedule",
+    "build_optimizer",
+    "load_checkpoint",
+    "save_checkpoint",
+    "scaled_lr",
+]

@@ -248,4 +248,12 @@ class MetricsFileWriter(Callback):
 
     def _append(self, record: dict) -> None:
         with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps(json_safe(record)) + "\n")
+
+
+def json_safe(values: dict) -> dict:
+    """``values`` with NaN / infinite floats as None (JSON has no NaN; readers choke on it)."""
+    return {
+        key: None if isinstance(value, float) and not math.isfinite(value) else value
+        for key, value in values.items()
+    }

@@ -20,10 +20,8 @@ A training checkpoint is a ``torch.save``d dict::
 from __future__ import annotations
 
 import os
-import pickle
 import random
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +69,8 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
     if not path.is_file():
         raise CheckpointError(f"{path}: not a file")
     try:
-        # weights_only=False: RNG states are numpy arrays and tuples; only load files you trust.
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as e:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch.load raises many types for a file that is not its own
         raise CheckpointError(
             f"{path}: not a readable checkpoint ({type(e).__name__}: {e})"
         ) from None
@@ -92,10 +89,20 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
 
 
 def capture_rng_state() -> dict[str, Any]:
-    """The state of every random generator a training step can touch."""
+    """The state of every random generator a training step can touch.
+
+    Only tensors and plain Python values, so checkpoints load with ``weights_only=True``.
+    """
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (
+            kind,
+            torch.from_numpy(keys.astype(np.int64)),
+            position,
+            has_gauss,
+            cached_gaussian,
+        ),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -106,7 +113,9 @@ def capture_rng_state() -> dict[str, Any]:
 def restore_rng_state(state: dict[str, Any]) -> None:
     """Inverse of :func:`capture_rng_state` (CUDA states only where CUDA is in use)."""
     random.setstate(_as_python_rng_state(state["python"]))
-    np.random.set_state(state["numpy"])
+    kind, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    keys = np.asarray(keys, dtype=np.int64).astype(np.uint32)
+    np.random.set_state((kind, keys, int(position), int(has_gauss), float(cached_gaussian)))
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         cuda_states = [s.cpu() for s in state["cuda"]][: torch.cuda.device_count()]

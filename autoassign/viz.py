@@ -1,0 +1,100 @@
+"""Pictures of what a detector learned: the per-class center priors, and boxes on images."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never a window
+
+import numpy as np  # noqa: E402
+from matplotlib import pyplot as plt  # noqa: E402
+from matplotlib.patches import Ellipse  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+from torch import nn  # noqa: E402
+
+
+def center_prior_values(model: nn.Module, class_names: Sequence[str]) -> list[dict]:
+    """Per class: ``{"class", "mean": [x, y], "sigma": [x, y]}`` in units of the level stride.
+
+    A positive mean x (y) means the prior peaks right of (below) the box centre.
+    """
+    prior = _unwrap(model).head.center_prior
+    means = prior.mean.detach().float().cpu().numpy()
+    sigmas = prior.sigma.detach().float().cpu().numpy()
+    return [
+        {"class": name, "mean": means[i].tolist(), "sigma": sigmas[i].tolist()}
+        for i, name in enumerate(class_names)
+    ]
+
+
+def plot_center_priors(values: Sequence[dict], path: str | Path) -> Path:
+    """Plot each class's prior: its mean as a point, one sigma as an ellipse around it.
+
+    Axes are offsets from the box centre in strides, y pointing down as in images.
+    """
+    path = Path(path)
+    colors = plt.get_cmap("tab10" if len(values) <= 10 else "tab20")
+    fig, ax = plt.subplots(figsize=(6, 6))
+    extent = 1.0
+    for i, item in enumerate(values):
+        (mx, my), (sx, sy) = item["mean"], item["sigma"]
+        color = colors(i % colors.N)
+        ax.add_patch(
+            Ellipse((mx, my), 2 * abs(sx), 2 * abs(sy), fill=False, color=color, alpha=0.7)
+        )
+        ax.plot([mx], [my], "o", color=color, label=item["class"])
+        extent = max(extent, abs(mx) + abs(sx), abs(my) + abs(sy))
+    ax.axhline(0, color="0.8", lw=0.8)
+    ax.axvline(0, color="0.8", lw=0.8)
+    ax.set_xlim(-1.1 * extent, 1.1 * extent)
+    ax.set_ylim(1.1 * extent, -1.1 * extent)
+    ax.set_aspect("equal")
+    ax.set_xlabel("x offset from box centre (strides)")
+    ax.set_ylabel("y offset from box centre (strides)")
+    ax.set_title("Learned center priors (mean, 1 sigma)")
+    if len(values) <= 20:
+        ax.legend(loc="upper right", fontsize="small")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def write_center_prior_report(
+    model: nn.Module, class_names: Sequence[str], output_dir: str | Path
+) -> tuple[Path, Path]:
+    """Write ``center_prior.png`` and ``center_prior.json`` to ``output_dir``."""
+    output_dir = Path(output_dir)
+    values = center_prior_values(model, class_names)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    json_path = output_dir / "center_prior.json"
+    json_path.write_text(json.dumps(values, indent=2) + "\n", encoding="utf-8")
+    return plot_center_priors(values, output_dir / "center_prior.png"), json_path
+
+
+def draw_detections(
+    image: Image.Image,
+    boxes: np.ndarray,
+    labels: Sequence[str],
+    scores: np.ndarray,
+) -> Image.Image:
+    """A copy of ``image`` with each ``[x1, y1, x2, y2]`` box (pixels) outlined and captioned."""
+    canvas = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(canvas)
+    palette = plt.get_cmap("tab10")
+    names = sorted(set(labels))
+    for box, label, score in zip(boxes, labels, scores):
+        rgb = palette(names.index(label) % 10)[:3]
+        color = tuple(int(255 * c) for c in rgb)
+        x1, y1, x2, y2 = (float(v) for v in box)
+        draw.rectangle((x1, y1, x2, y2), outline=color, width=2)
+        draw.text((x1 + 2, max(y1 - 11, 0)), f"{label} {score:.2f}", fill=color)
+    return canvas
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)

@@ -1,0 +1,275 @@
+"""The training engine on a tiny real setup: loss falls, exact resume, non-finite losses,
+checkpoint files and errors.
+
+Tiny model: ResNet-18 (GroupNorm, from scratch), 32 FPN channels, one conv per head tower;
+a synthetic COCO-format dataset of 96 px images written by the test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from autoassign.config import ExperimentConfig
+from autoassign.data.synthetic import write_synthetic
+from autoassign.engine import Callback, Trainer, load_checkpoint, save_checkpoint
+from autoassign.engine.checkpoint import capture_rng_state, restore_rng_state
+from autoassign.errors import CheckpointError, NonFiniteLossError
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the test machine is shared; also keeps CPU results repeatable
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dataset_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data") / "coco"
+    write_synthetic(
+        "coco", root, num_images={"train": 8, "val": 4}, num_classes=2, image_size=96, seed=1
+    )
+    return root
+
+
+def tiny_config(root: Path, output_dir: Path, **train) -> ExperimentConfig:
+    """A model and schedule small enough for a few CPU seconds per epoch."""
+    return ExperimentConfig.model_validate(
+        {
+            "model": {
+                "num_classes": 2,
+                "backbone": {"depth": 18, "norm": "gn", "frozen_stages": -1, "style": "pytorch"},
+                "fpn_channels": 32,
+                "head": {"num_convs": 1},
+                "input": {"min_size": 96, "max_size": 96},
+            },
+            "data": {"root": str(root), "batch_size": 2, "num_workers": 0},
+            "train": {
+                "lr": 0.01,
+                "base_batch_size": 2,
+                "warmup_iters": 3,
+                "schedule": None,
+                "epochs": 2,
+                "milestones": [1],
+                "log_every_iters": 1,
+                **train,
+            },
+            "eval": {"every_epochs": 0, "batch_size": 2},
+            "output_dir": str(output_dir),
+        }
+    )
+
+
+class Recorder(Callback):
+    """Keeps every step's losses and lr; can ask the trainer to stop after a given step."""
+
+    def __init__(self, stop_after: int | None = None):
+        self.stop_after = stop_after
+        self.steps: list[tuple[int, float, dict[str, float]]] = []
+        self.checkpoints: list[Path] = []
+        self.epochs: list[tuple[int, dict]] = []
+
+    def on_step(self, state, losses):
+        self.steps.append((state.iteration, state.lr, dict(losses)))
+        if self.stop_after is not None and state.iteration == self.stop_after:
+            state.should_stop = True
+
+    def on_checkpoint(self, state, path):
+        self.checkpoints.append(path)
+
+    def on_epoch_end(self, state, metrics):
+        self.epochs.append((state.epoch, dict(metrics)))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_short_training_lowers_the_loss_and_writes_its_outputs(dataset_root, tmp_path):
+    # 8 images, 4 iterations per epoch, 6 epochs = 24 iterations.
+    cfg = tiny_config(
+        dataset_root, tmp_path / "run", epochs=6, milestones=[5], lr=0.02, log_every_iters=4
+    )
+    recorder = Recorder()
+    metrics = Trainer(cfg, callbacks=[recorder], show_progress=False).fit()
+
+    losses = [step[2]["loss"] for step in recorder.steps]
+    assert len(losses) == 24
+    # Batches differ a lot (box counts), so compare whole epochs: each sees all 8 images.
+    first_epoch, last_epoch = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last_epoch < 0.9 * first_epoch
+
+    out = tmp_path / "run"
+    records = read_jsonl(out / "metrics.jsonl")
+    train = [r for r in records if r["type"] == "train"]
+    assert [r["iteration"] for r in train] == [4, 8, 12, 16, 20, 24]
+    assert train[0]["loss"] == pytest.approx(sum(losses[:4]) / 4)
+    evals = [r for r in records if r["type"] == "eval"]
+    assert [r["epoch"] for r in evals] == [6]  # every_epochs 0: only after the last epoch
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert final["bbox_mAP"] == pytest.approx(metrics["bbox_mAP"])
+    assert 0.0 <= final["bbox_mAP"] <= 1.0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "epoch_1.pt",
+        "epoch_2.pt",
+        "epoch_3.pt",
+        "epoch_4.pt",
+        "epoch_5.pt",
+        "epoch_6.pt",
+        "last.pt",
+    ]
+    assert ExperimentConfig.model_validate(load_checkpoint(out / "checkpoints/last.pt")["config"])
+    priors = json.loads((out / "center_prior.json").read_text())
+    assert [p["class"] for p in priors] == ["disc", "ring"]
+    assert (out / "center_prior.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "config.yaml").is_file()
+
+
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(dataset_root, tmp_path):
+    # 2 epochs x 4 iterations; the interrupted run stops mid-epoch 1, after iteration 3.
+    full = Recorder()
+    trainer = Trainer(tiny_config(dataset_root, tmp_path / "a"), callbacks=[full])
+    trainer.fit()
+
+    first = Recorder(stop_after=3)
+    assert Trainer(tiny_config(dataset_root, tmp_path / "b"), callbacks=[first]).fit() == {}
+    last = tmp_path / "b" / "checkpoints" / "last.pt"
+    assert first.checkpoints == [last]
+    saved = load_checkpoint(last)
+    assert (saved["epoch"], saved["batch_in_epoch"], saved["iteration"]) == (0, 3, 3)
+
+    second = Recorder()
+    resumed = Trainer(tiny_config(dataset_root, tmp_path / "b"), callbacks=[second])
+    resumed.fit(resume_from=last)
+
+    steps = first.steps + second.steps
+    assert [s[0] for s in steps] == [s[0] for s in full.steps] == list(range(1, 9))
+    for (_, lr_a, losses_a), (_, lr_b, losses_b) in zip(full.steps, steps):
+        assert lr_a == lr_b
+        for name in losses_a:
+            assert losses_b[name] == pytest.approx(losses_a[name], rel=1e-5, abs=1e-7)
+    reference = trainer.detector.state_dict()
+    for name, value in resumed.detector.state_dict().items():
+        torch.testing.assert_close(value, reference[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+class PoisonWeight(Callback):
+    """Puts a NaN into one real weight after step ``at`` (and restores it after the next step
+    when ``restore``), so the next forward pass computes a NaN loss for real."""
+
+    def __init__(self, trainer: Trainer, at: int, restore: bool):
+        self.trainer, self.at, self.restore = trainer, at, restore
+        self.saved = None
+
+    def on_step(self, state, losses):
+        weight = self.trainer.detector.head.cls_logits.weight
+        if state.iteration == self.at:
+            self.saved = weight.detach().clone()
+            with torch.no_grad():
+                weight[0, 0, 0, 0] = float("nan")
+        elif self.restore and state.iteration == self.at + 1:
+            with torch.no_grad():
+                weight.copy_(self.saved)
+
+
+def test_nonfinite_loss_stops_naming_the_iteration(dataset_root, tmp_path):
+    # A learning rate of 1e8 blows the weights up within a few real steps.
+    cfg = tiny_config(dataset_root, tmp_path / "run", lr=1e8, warmup_iters=0)
+    recorder = Recorder()
+    with pytest.raises(NonFiniteLossError) as excinfo:
+        Trainer(cfg, callbacks=[recorder], show_progress=False).fit()
+    iteration = excinfo.value.iteration  # counted from 1, as in the logs
+    assert iteration == len(recorder.steps) + 1  # the steps before it were finite
+    assert str(excinfo.value).startswith(f"iteration {iteration} (epoch 1, batch {iteration} ")
+    assert "non-finite" in str(excinfo.value)
+    assert not all(math.isfinite(v) for v in excinfo.value.losses.values())
+
+
+def test_nonfinite_loss_can_be_skipped(dataset_root, tmp_path):
+    cfg = tiny_config(dataset_root, tmp_path / "run", on_nonfinite_loss="skip")
+    recorder = Recorder()
+    trainer = Trainer(cfg, callbacks=[recorder], show_progress=False)
+    trainer.setup()
+    trainer.callbacks.callbacks.append(PoisonWeight(trainer, at=2, restore=True))
+    trainer.fit()
+
+    assert math.isnan(recorder.steps[2][2]["loss"])  # iteration 3 computed on the NaN weight
+    assert all(math.isfinite(s[2]["loss"]) for i, s in enumerate(recorder.steps) if i != 2)
+    assert trainer.state.skipped_steps == 1
+    for name, value in trainer.detector.state_dict().items():
+        assert torch.isfinite(value).all(), name
+    for state in trainer.optimizer.state.values():
+        assert torch.isfinite(state["momentum_buffer"]).all()
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["skipped_steps"] for r in records if r["type"] == "train"][-1] == 1
+
+
+def test_evaluation_every_epoch_and_callback_order(dataset_root, tmp_path):
+    cfg = tiny_config(dataset_root, tmp_path / "run").model_copy(
+        update={"eval": ExperimentConfig().eval.model_copy(update={"every_epochs": 1})}
+    )
+    events: list[str] = []
+
+    class Order(Callback):
+        def on_train_start(self, state):
+            events.append("start")
+
+        def on_checkpoint(self, state, path):
+            events.append(f"checkpoint {path.name}")
+
+        def on_epoch_end(self, state, metrics):
+            events.append(f"epoch {state.epoch} {'bbox_mAP' in metrics}")
+
+        def on_train_end(self, state, metrics):
+            events.append("end")
+
+    Trainer(cfg, callbacks=[Order()], show_progress=False).fit()
+    assert events == [
+        "start",
+        "checkpoint epoch_1.pt",
+        "epoch 0 True",
+        "checkpoint epoch_2.pt",
+        "epoch 1 True",
+        "end",
+    ]
+
+
+def test_checkpoint_round_trip_and_bad_files(tmp_path):
+    path = save_checkpoint(
+        {"model": {"w": torch.ones(2)}, "config": {}, "epoch": 1, "iteration": 5}, tmp_path / "c.pt"
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temp file left behind
+    assert load_checkpoint(path)["iteration"] == 5
+
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        load_checkpoint(tmp_path / "absent.pt")
+    with pytest.raises(CheckpointError, match="not a file"):
+        load_checkpoint(tmp_path)
+    text = tmp_path / "notes.pt"
+    text.write_text("hello")
+    with pytest.raises(CheckpointError, match="notes.pt: not a readable checkpoint"):
+        load_checkpoint(text)
+    bare = tmp_path / "bare.pt"
+    torch.save({"conv.weight": torch.zeros(1)}, bare)
+    with pytest.raises(CheckpointError, match="bare.pt: not an autoassign checkpoint"):
+        load_checkpoint(bare)
+    partial = save_checkpoint({"model": {}}, tmp_path / "partial.pt")
+    with pytest.raises(CheckpointError, match="lacks config, epoch, iteration"):
+        load_checkpoint(partial)
+
+
+def test_rng_state_round_trip():
+    import random
+
+    import numpy as np
+
+    state = capture_rng_state()
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    restore_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
