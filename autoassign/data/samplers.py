@@ -149,7 +149,9 @@ class GroupedDistributedBatchSampler(Sampler[list[SampleKey]]):
         for group in self.groups:
             shuffled = group[rng.permutation(len(group))]
             num_full = len(shuffled) // self.batch_size
-            batches.extend(shuffled[: num_full * self.batch_size].reshape(num_full, -1))
+            batches.extend(
+                shuffled[: num_full * self.batch_size].reshape(num_full, self.batch_size)
+            )
         order = rng.permutation(len(batches))
         used = self.batches_per_epoch * self.world_size
         mine = [batches[i] for i in order[self.rank : used : self.world_size]]

@@ -315,6 +315,16 @@ def test_skip_empty_train_images(tmp_path):
     assert empty.targets[0]["boxes"].shape == (0, 4)
 
 
+def test_a_group_smaller_than_a_batch_is_left_out(tmp_path):
+    dataset = _write_dataset(tmp_path, [(20, 16)] * 5 + [(16, 20)])
+
+    loader = build_train_loader(dataset, _data_cfg(batch_size=2), INPUT, seed=0)
+
+    assert len(loader) == iterations_per_epoch(dataset, _data_cfg(batch_size=2)) == 2
+    used = [index for batch in loader for index in batch.indices]
+    assert len(used) == 4 and 5 not in used
+
+
 def test_too_small_a_dataset_is_a_clear_error(tmp_path):
     dataset = _write_dataset(tmp_path, [(20, 16), (16, 20)])
     with pytest.raises(ValueError, match="no full batch of 2 on each of 1 ranks"):
