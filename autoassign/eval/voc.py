@@ -90,26 +90,34 @@ def class_curve(
         objects: file_name -> (boxes ``[N, 4]``, difficult ``[N]`` bool) of this class.
     """
     num_positives = int(sum((~difficult).sum() for _, difficult in objects.values()))
-    names = [name for name, boxes, _ in detections for _ in range(len(boxes))]
-    if not names:
+    if not detections:
         return ClassCurve(np.zeros(0), np.zeros(0), num_positives)
-    boxes = np.concatenate([boxes for _, boxes, _ in detections])
+    # The devkit's best object of a detection does not depend on what is matched already, so
+    # it is found per image in one IoU matrix; only the matching itself is sequential.
+    names, best_object, best_overlap = [], [], []
+    for name, boxes, _ in detections:
+        object_boxes = objects.get(name, (np.zeros((0, 4)), None))[0]
+        names += [name] * len(boxes)
+        if len(object_boxes) == 0:
+            best_object.append(np.full(len(boxes), -1))
+            best_overlap.append(np.full(len(boxes), -np.inf))
+            continue
+        overlaps = pairwise_iou(boxes, object_boxes)  # [K, N]
+        best_object.append(overlaps.argmax(axis=1))
+        best_overlap.append(overlaps.max(axis=1))
+    best_objects = np.concatenate(best_object)
+    best_overlaps = np.concatenate(best_overlap)
     scores = np.concatenate([scores for _, _, scores in detections])
     order = np.argsort(-scores, kind="stable")
 
     matched = {name: np.zeros(len(obj_boxes), bool) for name, (obj_boxes, _) in objects.items()}
     outcome = np.zeros(len(order), dtype=np.int8)  # 1 true positive, -1 false positive, 0 neither
     for rank, index in enumerate(order):
-        name = names[index]
-        object_boxes, difficult = objects.get(name, (np.zeros((0, 4)), np.zeros(0, bool)))
-        if len(object_boxes) == 0:
+        if best_overlaps[index] <= IOU_THRESHOLD:
             outcome[rank] = -1
             continue
-        overlaps = pairwise_iou(boxes[index : index + 1], object_boxes)[0]
-        best = int(overlaps.argmax())
-        if overlaps[best] <= IOU_THRESHOLD:
-            outcome[rank] = -1
-        elif difficult[best]:
+        name, best = names[index], best_objects[index]
+        if objects[name][1][best]:
             outcome[rank] = 0
         elif not matched[name][best]:
             matched[name][best] = True

@@ -18,8 +18,10 @@ The official tool (``wider_eval.m``, and its Python port) does, for each setting
 
 Which faces count comes from the official ``wider_face_val.mat`` (``event_list``,
 ``file_list``, ``face_bbx_list``) and ``wider_{easy,medium,hard}_val.mat`` (``gt_list``:
-1-based indices of the faces that count). The faces are those of the ``.mat`` file; images are
-matched to the dataset's records by event folder and file name without ``.jpg``.
+1-based indices of the faces that count); files named after another split
+(``wider_face_<split>.mat``, ...) are used first when all four exist. The faces are those of
+the ``.mat`` file; images are matched to the dataset's records by event folder and file name
+without ``.jpg``.
 
 Where this differs from the tool (the last two are said in :attr:`Evaluator.notes`):
 
@@ -57,15 +59,38 @@ from autoassign.eval.base import EvaluationError, Evaluator, PredictionStore
 SETTINGS = ("easy", "medium", "hard")
 IOU_THRESHOLD = 0.5
 NUM_THRESHOLDS = 1000
-FACE_FILE = "wider_face_val.mat"
 
 FALLBACK_MIN_HEIGHT = {"easy": 50.0, "medium": 25.0, "hard": 10.0}
 FALLBACK_MAX_OCCLUSION = {"easy": 0, "medium": 1, "hard": 2}
 FALLBACK_MAX_BLUR = {"easy": 1, "medium": 2, "hard": 2}
 
 
-def setting_file(setting: str) -> str:
-    return f"wider_{setting}_val.mat"
+@dataclass(frozen=True)
+class GroundTruthFiles:
+    """The four ``.mat`` files of a split inside one folder."""
+
+    directory: Path
+    split: str = "val"
+
+    @property
+    def faces(self) -> Path:
+        return self.directory / f"wider_face_{self.split}.mat"
+
+    def setting(self, setting: str) -> Path:
+        return self.directory / f"wider_{setting}_{self.split}.mat"
+
+    def all(self) -> list[Path]:
+        return [self.faces, *(self.setting(s) for s in SETTINGS)]
+
+    def missing(self) -> list[str]:
+        return [path.name for path in self.all() if not path.is_file()]
+
+
+def find_ground_truth_files(directory: Path, split: str) -> GroundTruthFiles:
+    """The split's own files (``wider_face_<split>.mat``, ...) if all are there, else the
+    official validation names (``wider_face_val.mat``, ...)."""
+    own = GroundTruthFiles(directory, split)
+    return own if not own.missing() else GroundTruthFiles(directory, "val")
 
 
 @dataclass
@@ -236,14 +261,15 @@ def image_key(file_name: str) -> tuple[str, str]:
 
 
 def images_from_mat(
-    directory: Path, records: list[ImageRecord]
+    files: GroundTruthFiles, records: list[ImageRecord]
 ) -> tuple[list[EvalImage], list[str]]:
     """The evaluated images, with faces and settings from the official files, and notes."""
-    faces_mat = _load_mat(directory / FACE_FILE, ("event_list", "file_list", "face_bbx_list"))
+    faces_mat = _load_mat(files.faces, ("event_list", "file_list", "face_bbx_list"))
     gt_lists = {
-        setting: _cells(_load_mat(directory / setting_file(setting), ("gt_list",))["gt_list"])
+        setting: _cells(_load_mat(files.setting(setting), ("gt_list",))["gt_list"])
         for setting in SETTINGS
     }
+    face_file = files.faces.name
     events = _cells(faces_mat["event_list"])
     file_lists = _cells(faces_mat["file_list"])
     face_lists = _cells(faces_mat["face_bbx_list"])
@@ -270,7 +296,7 @@ def images_from_mat(
                 keep = np.asarray(setting_cells[setting][image_index]).astype(np.int64).ravel()
                 if len(keep) and (keep.min() < 1 or keep.max() > len(faces)):
                     raise EvaluationError(
-                        f"{directory / setting_file(setting)}: gt_list of {event}/{name} holds "
+                        f"{files.setting(setting)}: gt_list of {event}/{name} holds "
                         f"face index {int(keep.max())} but the image has {len(faces)} faces"
                     )
                 mask = np.zeros(len(faces), dtype=bool)
@@ -279,15 +305,15 @@ def images_from_mat(
             images.append(EvalImage(record.file_name, faces, counted))
     if absent:
         notes.append(
-            f"{absent} images of {FACE_FILE} are not in the dataset; evaluated the "
+            f"{absent} images of {face_file} are not in the dataset; evaluated the "
             f"{len(images)} that are"
         )
     extra = len(records) - len(images)
     if extra > 0:
-        notes.append(f"{extra} images of the dataset are not in {FACE_FILE}; not evaluated")
+        notes.append(f"{extra} images of the dataset are not in {face_file}; not evaluated")
     if size_mismatch:
         notes.append(
-            f"{size_mismatch} images have a different number of faces in {FACE_FILE} than in "
+            f"{size_mismatch} images have a different number of faces in {face_file} than in "
             "the dataset's records; the .mat faces were used"
         )
     return images, notes
@@ -344,34 +370,30 @@ class WiderFaceEvaluator(Evaluator):
         self.ground_truth_dir = Path(ground_truth_dir) if ground_truth_dir is not None else None
         self._images: tuple[list[EvalImage], list[str]] | None = None
 
-    def _find_ground_truth(self) -> Path | None:
+    def _find_ground_truth(self) -> GroundTruthFiles | None:
+        split = self.dataset.split
         if self.ground_truth_dir is not None:
-            missing = [
-                name
-                for name in (FACE_FILE, *(setting_file(s) for s in SETTINGS))
-                if not (self.ground_truth_dir / name).is_file()
-            ]
-            if missing:
+            files = find_ground_truth_files(self.ground_truth_dir, split)
+            if files.missing():
                 raise EvaluationError(
                     f"WiderFace ground truth folder {self.ground_truth_dir} lacks "
-                    f"{', '.join(missing)}"
+                    f"{', '.join(files.missing())}"
                 )
-            return self.ground_truth_dir
+            return files
         root = self.dataset.meta.get("root")
         if root is None:
             return None
-        default = Path(root) / "ground_truth"
-        names = (FACE_FILE, *(setting_file(s) for s in SETTINGS))
-        return default if all((default / name).is_file() for name in names) else None
+        files = find_ground_truth_files(Path(root) / "ground_truth", split)
+        return None if files.missing() else files
 
     def evaluation_images(self) -> tuple[list[EvalImage], list[str]]:
         """The evaluated images and the notes about how they were found (cached)."""
         if self._images is None:
-            directory = self._find_ground_truth()
-            if directory is None:
+            files = self._find_ground_truth()
+            if files is None:
                 self._images = images_from_records(self.dataset.records)
             else:
-                self._images = images_from_mat(directory, self.dataset.records)
+                self._images = images_from_mat(files, self.dataset.records)
         return self._images
 
     def compute(self, store: PredictionStore) -> dict[str, float]:

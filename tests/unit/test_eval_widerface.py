@@ -46,8 +46,8 @@ def cell(items: list) -> np.ndarray:
     return array
 
 
-def write_ground_truth(directory: Path, images: list[Image]) -> None:
-    """The four official .mat files for ``images``."""
+def write_ground_truth(directory: Path, images: list[Image], split: str = "val") -> None:
+    """The four official .mat files for ``images`` (named ``..._<split>.mat``)."""
     directory.mkdir(parents=True, exist_ok=True)
     events = list(dict.fromkeys(image.event for image in images))
     per_event = [[image for image in images if image.event == event] for event in events]
@@ -56,7 +56,7 @@ def write_ground_truth(directory: Path, images: list[Image]) -> None:
     )
     files = cell([cell([i.name for i in group]) for group in per_event])
     scipy.io.savemat(
-        directory / "wider_face_val.mat",
+        directory / f"wider_face_{split}.mat",
         {"event_list": cell(events), "file_list": files, "face_bbx_list": faces},
     )
     for setting in SETTINGS:
@@ -67,12 +67,14 @@ def write_ground_truth(directory: Path, images: list[Image]) -> None:
             ]
         )
         scipy.io.savemat(
-            directory / f"wider_{setting}_val.mat",
+            directory / f"wider_{setting}_{split}.mat",
             {"event_list": cell(events), "file_list": files, "gt_list": gt_list},
         )
 
 
-def make_dataset(root: Path, images: list[Image], invalid=()) -> DetectionDataset:
+def make_dataset(
+    root: Path, images: list[Image], invalid=(), split: str = "val"
+) -> DetectionDataset:
     """Records as the WiderFace reader makes them: ``x1 y1 x2 y2`` = ``x, y, x + w, y + h``."""
     records = []
     for index, image in enumerate(images):
@@ -91,7 +93,7 @@ def make_dataset(root: Path, images: list[Image], invalid=()) -> DetectionDatase
                 attributes={k: np.array(v, np.int64) for k, v in image.attributes.items()},
             )
         )
-    return DetectionDataset("widerface", "val", records, ["face"], meta={"root": root})
+    return DetectionDataset("widerface", split, records, ["face"], meta={"root": root})
 
 
 def det(image: Image, boxes_xyxy, scores) -> dict:
@@ -274,3 +276,20 @@ def test_setting_without_counted_faces_is_nan(tmp_path):
     metrics, _ = evaluate(tmp_path, [image], [det(image, [xyxy(FACE_A), NOWHERE], [0.9, 0.1])])
     assert math.isnan(metrics["AP_easy"])
     assert metrics["AP_hard"] == pytest.approx(1.0)
+
+
+def test_files_named_after_the_split_come_first(tmp_path):
+    image = Image("0--Parade", "0_Parade_1", [FACE_A, FACE_B])
+    # Official names say both faces count; the split's own files count only face A.
+    write_ground_truth(tmp_path / "ground_truth", [image])
+    own = Image("0--Parade", "0_Parade_1", [FACE_A, FACE_B], {s: [1] for s in SETTINGS})
+    write_ground_truth(tmp_path / "ground_truth", [own], split="minival")
+    predictions = [det(image, [xyxy(FACE_A), NOWHERE], [0.9, 0.1])]
+
+    evaluator = build_evaluator(make_dataset(tmp_path, [image], split="minival"))
+    evaluator.process(predictions)
+    assert evaluator.evaluate()["AP_hard"] == pytest.approx(1.0)  # 1 of 1 face found
+
+    evaluator = build_evaluator(make_dataset(tmp_path, [image], split="val"))
+    evaluator.process(predictions)
+    assert evaluator.evaluate()["AP_hard"] == pytest.approx(0.5)  # 1 of 2 faces found
