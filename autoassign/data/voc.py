@@ -9,9 +9,9 @@ VOC 07+12 is two roots: ``DataConfig.root`` plus ``extra_train_roots`` (see ``bu
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
 from pathlib import Path
-from xml.parsers import expat
+from xml.etree import ElementTree
 
 import numpy as np
 
@@ -151,59 +151,31 @@ def read_split_ids(path: Path, log: ProblemLog) -> list[str]:
     return ids
 
 
-@dataclass
-class _Element:
-    """An XML element with the line it starts on (ElementTree does not keep lines)."""
-
-    tag: str
-    line: int
-    text: str = ""
-    children: list[_Element] = field(default_factory=list)
-
-    def find(self, tag: str) -> _Element | None:
-        return next((child for child in self.children if child.tag == tag), None)
-
-    def text_of(self, tag: str) -> str | None:
-        child = self.find(tag)
-        return child.text.strip() if child is not None else None
-
-
-def _parse_xml(path: Path) -> _Element:
-    """Parse ``path`` into ``_Element``s; DatasetError with the line when malformed."""
-    parser = expat.ParserCreate()
-    stack: list[_Element] = []
-    root: list[_Element] = []
-
-    def start(tag: str, _attributes: dict) -> None:
-        element = _Element(tag, parser.CurrentLineNumber)
-        if stack:
-            stack[-1].children.append(element)
-        else:
-            root.append(element)
-        stack.append(element)
-
-    def end(_tag: str) -> None:
-        stack.pop()
-
-    def text(data: str) -> None:
-        if stack:
-            stack[-1].text += data
-
-    parser.StartElementHandler = start
-    parser.EndElementHandler = end
-    parser.CharacterDataHandler = text
+def _parse_xml(path: Path) -> ElementTree.Element:
+    """The root element of ``path``; DatasetError with the line when malformed."""
     try:
-        with open(path, "rb") as f:
-            parser.ParseFile(f)
+        return ElementTree.parse(path).getroot()
     except FileNotFoundError as error:
         raise DatasetError.from_problem(
             Problem("error", MISSING_FILE, str(path), "", "annotation file does not exist")
         ) from error
-    except expat.ExpatError as error:
+    except ElementTree.ParseError as error:
+        line = error.position[0]
         raise DatasetError.from_problem(
-            Problem("error", MALFORMED, str(path), f"line {error.lineno}", f"bad XML: {error}")
+            Problem("error", MALFORMED, str(path), f"line {line}", f"bad XML: {error}")
         ) from error
-    return root[0]
+
+
+def _object_lines(path: Path) -> list[int]:
+    """1-based line of each ``<object>`` in ``path``, in order (ElementTree keeps no lines,
+    so this re-reads the file; only called when a problem needs a place)."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    return [text.count("\n", 0, m.start()) + 1 for m in re.finditer(r"<object[\s>]", text)]
+
+
+def _text(element: ElementTree.Element | None, tag: str) -> str | None:
+    child = element.find(tag) if element is not None else None
+    return child.text.strip() if child is not None and child.text is not None else None
 
 
 def _int_or_none(text: str | None) -> int | None:
@@ -225,37 +197,43 @@ def _read_annotation(
         log.fatal(error)
         return None
     size = tree.find("size")
-    width = _int_or_none(size.text_of("width")) if size is not None else None
-    height = _int_or_none(size.text_of("height")) if size is not None else None
+    width = _int_or_none(_text(size, "width"))
+    height = _int_or_none(_text(size, "height"))
+    lines: list[int] = []
+
+    def where(index: int) -> str:
+        if not lines:
+            lines.extend(_object_lines(xml))
+        return f"line {lines[index]}" if index < len(lines) else f"object {index + 1}"
+
     if not width or not height or width <= 0 or height <= 0:
-        line = size.line if size is not None else tree.line
-        log.error(MALFORMED, xml, f"line {line}", "needs <size> with positive width and height")
+        log.error(MALFORMED, xml, "<size>", "needs <size> with positive width and height")
         return None
 
     coords: list[list[float]] = []
     labels: list[int] = []
     difficult: list[bool] = []
-    lines: list[int] = []
-    for obj in (child for child in tree.children if child.tag == "object"):
-        where = f"line {obj.line}"
-        name = obj.text_of("name")
+    kept: list[int] = []  # index among the file's objects, for the messages
+    for index, obj in enumerate(tree.findall("object")):
+        name = _text(obj, "name")
         if name not in _LABEL_OF:
-            log.error(UNKNOWN_CATEGORY, xml, where, f"unknown class {name!r}")
+            log.error(UNKNOWN_CATEGORY, xml, where(index), f"unknown class {name!r}")
             continue
         box = obj.find("bndbox")
         try:
-            values = [float(box.text_of(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
-        except (AttributeError, TypeError, ValueError):
-            log.error(MALFORMED, xml, where, "needs <bndbox> with numeric xmin ymin xmax ymax")
+            values = [float(_text(box, k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+        except (TypeError, ValueError):
+            log.error(
+                MALFORMED, xml, where(index), "needs <bndbox> with numeric xmin ymin xmax ymax"
+            )
             continue
         if not all(np.isfinite(values)):
-            log.error(MALFORMED, xml, where, f"non-finite box {values}")
+            log.error(MALFORMED, xml, where(index), f"non-finite box {values}")
             continue
-        flag = _int_or_none(obj.text_of("difficult"))
         coords.append(values)
         labels.append(_LABEL_OF[name])
-        difficult.append(bool(flag))
-        lines.append(obj.line)
+        difficult.append(bool(_int_or_none(_text(obj, "difficult"))))
+        kept.append(index)
 
     one_based = np.asarray(coords, dtype=np.float64).reshape(-1, 4)
     xyxy = one_based - np.array([1.0, 1.0, 0.0, 0.0])
@@ -266,7 +244,7 @@ def _read_annotation(
         np.full(count, height),
         log,
         xml,
-        lambda i: f"line {lines[i]}",
+        lambda i: where(kept[i]),
     )
     return ImageRecord(
         file_name=f"{image_id}.jpg",
