@@ -293,3 +293,94 @@ def test_files_named_after_the_split_come_first(tmp_path):
     evaluator = build_evaluator(make_dataset(tmp_path, [image], split="val"))
     evaluator.process(predictions)
     assert evaluator.evaluate()["AP_hard"] == pytest.approx(0.5)  # 1 of 2 faces found
+
+
+def reference_ap(images: list[Image], predictions: list[dict], setting: str) -> float:
+    """The official steps written out literally, one threshold and one detection at a time."""
+    all_scores = np.concatenate([p["scores"] for p in predictions])
+    low, high = all_scores.min(), all_scores.max()
+    by_name = {p["file_name"]: p for p in predictions}
+    proposals, recalled = np.zeros(1000), np.zeros(1000)
+    num_counted = 0
+    for image in images:
+        counted = image.counted_in(setting)
+        num_counted += len(counted)
+        p = by_name.get(image.file_name)
+        if not image.faces or p is None or len(p["scores"]) == 0:
+            continue
+        order = np.argsort(-p["scores"], kind="stable")
+        scores = (p["scores"][order] - low) / (high - low)
+        dets = p["boxes"][order]
+        faces = [xyxy(face) for face in image.faces]
+        state = [0] * len(faces)  # 0 untouched, 1 recalled, -1 matched while not counted
+        is_proposal, recalled_after = [], []
+        for d in dets:
+            ious = []
+            for f in faces:
+                iw = min(d[2], f[2]) - max(d[0], f[0]) + 1
+                ih = min(d[3], f[3]) - max(d[1], f[1]) + 1
+                if iw <= 0 or ih <= 0:
+                    ious.append(0.0)
+                    continue
+                area_d = (d[2] - d[0] + 1) * (d[3] - d[1] + 1)
+                area_f = (f[2] - f[0] + 1) * (f[3] - f[1] + 1)
+                ious.append(iw * ih / (area_d + area_f - iw * ih))
+            best = int(np.argmax(ious))
+            proposal = True
+            if ious[best] >= 0.5:
+                if best + 1 not in counted:
+                    state[best] = -1
+                    proposal = False
+                elif state[best] == 0:
+                    state[best] = 1
+            is_proposal.append(proposal)
+            recalled_after.append(state.count(1))
+        for t in range(1000):
+            threshold = 1 - (t + 1) / 1000
+            above = [i for i, s in enumerate(scores) if s >= threshold]
+            if above:
+                last = above[-1]
+                proposals[t] += sum(is_proposal[: last + 1])
+                recalled[t] += recalled_after[last]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = recalled / proposals
+    recall = recalled / num_counted
+    r = np.concatenate(([0.0], recall, [1.0]))
+    p = np.concatenate(([0.0], precision, [0.0]))
+    for i in range(len(p) - 2, -1, -1):
+        p[i] = p[i] if np.isnan(p[i + 1]) else (p[i + 1] if np.isnan(p[i]) else max(p[i], p[i + 1]))
+    steps = [i for i in range(len(r) - 1) if r[i + 1] != r[i]]
+    return float(sum((r[i + 1] - r[i]) * p[i + 1] for i in steps))
+
+
+def test_random_scenes_agree_with_the_literal_official_steps(tmp_path):
+    rng = np.random.default_rng(3)
+    images, predictions = [], []
+    for index in range(12):
+        faces = []
+        for _ in range(int(rng.integers(0, 6))):
+            w, h = rng.integers(4, 80, size=2)
+            faces.append([int(rng.integers(0, 400)), int(rng.integers(0, 300)), int(w), int(h)])
+        hard = [k + 1 for k in range(len(faces)) if rng.random() < 0.85]
+        medium = [k for k in hard if rng.random() < 0.7]
+        easy = [k for k in medium if rng.random() < 0.6]
+        image = Image(f"{index % 3}--Event", f"img_{index}", faces)
+        image.counted = {"easy": easy, "medium": medium, "hard": hard}
+        images.append(image)
+        if index % 5 == 4:
+            continue  # no detections for this image
+        boxes = [
+            (np.array(xyxy(face)) + rng.normal(0, 0.2 * face[3], 4)).tolist()
+            for face in faces
+            if rng.random() < 0.8
+        ]
+        for _ in range(int(rng.integers(0, 4))):
+            x, y = rng.uniform(0, 400, size=2)
+            boxes.append([x, y, x + rng.uniform(5, 60), y + rng.uniform(5, 60)])
+        scores = rng.random(len(boxes)).round(3)  # rounding makes ties between images
+        predictions.append(det(image, boxes, scores))
+    metrics, _ = evaluate(tmp_path, images, predictions)
+    for setting in SETTINGS:
+        expected = reference_ap(images, predictions, setting)
+        assert 0.05 < expected < 0.95
+        assert abs(metrics[f"AP_{setting}"] - expected) <= 1e-12, setting
