@@ -89,7 +89,12 @@ class ResNetBackbone(nn.Module):
     """
 
     def __init__(
-        self, *, depth: int = 50, style: str = "caffe", norm: str = "frozen_bn", frozen_stages=1
+        self,
+        *,
+        depth: int = 50,
+        style: str = "caffe",
+        norm: str = "frozen_bn",
+        frozen_stages: int = 1,
     ):
         super().__init__()
         if depth not in RESNET_SPECS:
