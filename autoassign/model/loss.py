@@ -130,6 +130,13 @@ def _check_inputs(cls_logits, bbox_preds, objectness, strides, gt_boxes, gt_labe
                 f"autoassign_loss: gt_labels[{image}] has shape {tuple(labels.shape)}, "
                 f"expected [{boxes.shape[0]}] (one label per box)"
             )
+        if boxes.numel() and not (
+            torch.isfinite(boxes).all() and (boxes[:, 2:] >= boxes[:, :2]).all()
+        ):
+            raise LossInputError(
+                f"autoassign_loss: gt_boxes[{image}] has boxes with x2 < x1, y2 < y1 or "
+                "non-finite coordinates (boxes are x1, y1, x2, y2)"
+            )
         if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
             raise LossInputError(
                 f"autoassign_loss: gt_labels[{image}] has values outside 0..{num_classes - 1}"
@@ -345,6 +352,14 @@ def _row_max_iou(
     return row_max
 
 
+def _unique_ids(ids: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """``torch.unique(ids, return_inverse=True)`` for ids in ``0..size-1``, without a sort."""
+    present = torch.zeros(size, dtype=torch.bool, device=ids.device)
+    present[ids] = True
+    position = present.cumsum(0) - 1  # [size] rank of each present id
+    return present.nonzero().squeeze(1), position[ids]
+
+
 def _negative_weights(
     flat_index: Tensor, box: Tensor, iou: Tensor, num_boxes: int, size: int
 ) -> Tensor:
@@ -460,7 +475,7 @@ def autoassign_loss(
         pos_sum = F.binary_cross_entropy(box_prob, torch.ones_like(box_prob), reduction="sum")
 
         if flat_point.numel():
-            unique_points, pair_to_unique = torch.unique(flat_point, return_inverse=True)
+            unique_points, pair_to_unique = _unique_ids(flat_point, batch * num_points)
             unique_xy = levels.points[unique_points % num_points]
             unique_ltrb = distances.detach()[unique_points]
             unique_pred = torch.cat(
