@@ -188,9 +188,6 @@ class Evaluator:
         """The protocol's metrics for ``store`` (images missing from it found nothing)."""
         raise NotImplementedError
 
-    def predictions_for(self, store: PredictionStore, file_name: str) -> ImagePredictions:
-        return store.get(file_name) or ImagePredictions.empty()
-
 
 def nan_if_negative(value: float) -> float:
     """pycocotools writes -1 where a metric has no ground truth; we report NaN there."""

@@ -157,10 +157,14 @@ class COCOEvaluator(Evaluator):
                         self.dataset, self._category_ids
                     )
                     self._ground_truth.createIndex()
+            source = annotation_file or "the ground truth"
             unknown = sorted(set(self._category_ids) - set(self._ground_truth.getCatIds()))
             if unknown:
+                raise EvaluationError(f"category ids {unknown} of the dataset are not in {source}")
+            unknown = sorted(set(self._image_ids.values()) - set(self._ground_truth.getImgIds()))
+            if unknown:
                 raise EvaluationError(
-                    f"category ids {unknown} of the dataset are not in {annotation_file}"
+                    f"image ids {unknown[:5]} of the dataset's records are not in {source}"
                 )
         if self._ground_truth_note:
             self.notes.append(self._ground_truth_note)

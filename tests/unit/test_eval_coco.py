@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -283,3 +284,27 @@ def test_process_rejects_unknown_images_and_labels(one_box):
         evaluator.process([prediction("0001.jpg", [[0, 0, 1, 1]], [0.5], [3])])
     with pytest.raises(EvaluationError, match="different lengths"):
         evaluator.process([prediction("0001.jpg", [[0, 0, 1, 1]], [0.5, 0.4], [0])])
+
+
+def test_tensors_are_accepted(tmp_path):
+    dataset, predictions = random_scene(tmp_path)
+    as_tensors = [
+        {
+            "file_name": p["file_name"],
+            "boxes": torch.from_numpy(p["boxes"]).float(),
+            "scores": torch.from_numpy(p["scores"]).float(),
+            "labels": torch.from_numpy(p["labels"]),
+        }
+        for p in predictions
+    ]
+    expected = evaluate(dataset, predictions)
+    # float32 tensors round the boxes; AP moves by far less than a recall step.
+    for name, value in evaluate(dataset, as_tensors).items():
+        assert value == pytest.approx(expected[name], abs=1e-6, nan_ok=True), name
+
+
+def test_records_that_the_json_does_not_have(one_box):
+    one_box.records[0].image_id = 99
+    evaluator = COCOEvaluator(one_box)
+    with pytest.raises(EvaluationError, match=r"image ids \[99\]"):
+        evaluator.evaluate()
