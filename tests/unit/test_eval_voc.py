@@ -157,3 +157,16 @@ def test_recall_of_exactly_three_tenths_misses_the_devkit_point():
 def test_unknown_metric_is_rejected():
     with pytest.raises(ValueError, match="11pt"):
         VOCEvaluator(dataset(record("a", [PLANE], [0])), metric="07")
+
+
+def test_area_uses_the_precision_envelope():
+    # FP (0.9), TP (0.8), TP (0.7): precision 1/2 at recall 1/2 and 2/3 at recall 1. The
+    # envelope lifts the first to 2/3: AP = 2/3 (the raw curve would give 1/4 + 1/3).
+    data = dataset(record("a", [PLANE], [0]), record("b", [[101, 101, 200, 150]], [0]))
+    predictions = [
+        det("a", [[300, 200, 350, 250], PLANE_DET], [0.9, 0.8], [0, 0]),
+        det("b", [[100, 100, 200, 150]], [0.7], [0]),
+    ]
+    metrics = evaluate(data, predictions)
+    assert metrics["mAP_area"] == pytest.approx(2 / 3)
+    assert metrics["mAP_11pt"] == pytest.approx(2 / 3)
