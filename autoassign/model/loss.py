@@ -420,8 +420,50 @@ def autoassign_loss(
         ``{"loss_pos", "loss_neg", "loss_center"}`` scalar tensors. A batch without boxes gives
         zero ``loss_pos`` and ``loss_center`` that are still connected to every head output and
         to the prior's ``mean`` and ``sigma`` (so data-parallel gradients stay in step).
+        Float16/bfloat16 head outputs are computed in float32, with autocast off.
+
+    Raises:
+        LossInputError: shapes that do not match, labels outside ``0..C-1``, boxes with
+            ``x2 < x1`` or ``y2 < y1``.
     """
     _check_inputs(cls_logits, bbox_preds, objectness, strides, gt_boxes, gt_labels, center_prior)
+    if cls_logits[0].dtype in (torch.float16, torch.bfloat16):
+        # Mixed precision: the exponentials, GIoU and BCE need float32.
+        cls_logits, bbox_preds, objectness = (
+            [x.float() for x in group] for group in (cls_logits, bbox_preds, objectness)
+        )
+    with torch.autocast(cls_logits[0].device.type, enabled=False):
+        return _loss(
+            cls_logits,
+            bbox_preds,
+            objectness,
+            strides,
+            gt_boxes,
+            gt_labels,
+            center_prior,
+            pos_weight=pos_weight,
+            neg_weight=neg_weight,
+            center_weight=center_weight,
+            giou_weight=giou_weight,
+            force_topk=force_topk,
+        )
+
+
+def _loss(
+    cls_logits,
+    bbox_preds,
+    objectness,
+    strides,
+    gt_boxes,
+    gt_labels,
+    center_prior,
+    *,
+    pos_weight,
+    neg_weight,
+    center_weight,
+    giou_weight,
+    force_topk,
+) -> dict[str, Tensor]:
     device, dtype = cls_logits[0].device, cls_logits[0].dtype
     batch, num_classes = cls_logits[0].shape[:2]
     levels = _make_levels([tuple(x.shape[2:]) for x in cls_logits], list(strides), device, dtype)

@@ -411,6 +411,25 @@ def test_bad_inputs_raise_errors_naming_the_argument():
         head.loss([[]], [[]], CenterPrior(3).double())
 
 
+def test_half_precision_outputs_are_computed_in_float32():
+    head, _, _ = three_point_head()
+    prior = make_prior().float()
+    boxes, labels = [torch.tensor([[4.0, 4.0, 28.0, 12.0]])], [torch.tensor([0])]
+    full = autoassign_loss(
+        [head.cls.float()], [head.reg.float()], [head.obj.float()], [STRIDE], boxes, labels, prior
+    )
+    leaves = [t.bfloat16().requires_grad_() for t in (head.cls, head.reg, head.obj)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = autoassign_loss(
+            [leaves[0]], [leaves[1]], [leaves[2]], [STRIDE], boxes, labels, prior
+        )
+    sum(half.values()).backward()
+    for name, value in half.items():
+        assert value.dtype == torch.float32
+        assert value.item() == pytest.approx(full[name].item(), rel=1e-5)
+    assert all(leaf.grad is not None and leaf.grad.dtype == torch.bfloat16 for leaf in leaves)
+
+
 # ------------------------------------------------------ equality with the dense reference
 
 IMAGE_HEIGHT, IMAGE_WIDTH, STRIDES = 256, 320, [8, 16, 32, 64, 128]
