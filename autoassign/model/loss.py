@@ -427,11 +427,12 @@ def autoassign_loss(
             ``x2 < x1`` or ``y2 < y1``.
     """
     _check_inputs(cls_logits, bbox_preds, objectness, strides, gt_boxes, gt_labels, center_prior)
-    if cls_logits[0].dtype in (torch.float16, torch.bfloat16):
-        # Mixed precision: the exponentials, GIoU and BCE need float32.
-        cls_logits, bbox_preds, objectness = (
-            [x.float() for x in group] for group in (cls_logits, bbox_preds, objectness)
-        )
+    dtype = cls_logits[0].dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32  # mixed precision: the exponentials, GIoU and BCE need float32
+    cls_logits, bbox_preds, objectness = (
+        [x.to(dtype) for x in group] for group in (cls_logits, bbox_preds, objectness)
+    )
     with torch.autocast(cls_logits[0].device.type, enabled=False):
         return _loss(
             cls_logits,

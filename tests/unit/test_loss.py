@@ -418,7 +418,9 @@ def test_half_precision_outputs_are_computed_in_float32():
     full = autoassign_loss(
         [head.cls.float()], [head.reg.float()], [head.obj.float()], [STRIDE], boxes, labels, prior
     )
-    leaves = [t.bfloat16().requires_grad_() for t in (head.cls, head.reg, head.obj)]
+    # As under AMP: half-precision logits, float32 distances.
+    leaves = [head.cls.bfloat16(), head.reg.float(), head.obj.bfloat16()]
+    leaves = [t.requires_grad_() for t in leaves]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         half = autoassign_loss(
             [leaves[0]], [leaves[1]], [leaves[2]], [STRIDE], boxes, labels, prior
@@ -427,7 +429,7 @@ def test_half_precision_outputs_are_computed_in_float32():
     for name, value in half.items():
         assert value.dtype == torch.float32
         assert value.item() == pytest.approx(full[name].item(), rel=1e-5)
-    assert all(leaf.grad is not None and leaf.grad.dtype == torch.bfloat16 for leaf in leaves)
+    assert [leaf.grad.dtype for leaf in leaves] == [torch.bfloat16, torch.float32, torch.bfloat16]
 
 
 # ------------------------------------------------------ equality with the dense reference
