@@ -51,10 +51,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict[str, float]:
     from autoassign.config_loading import load_experiment_config
-    from autoassign.engine import Trainer
     from autoassign.errors import CheckpointError
 
     config = load_experiment_config(args.config, args.overrides)
+    from autoassign.engine import Trainer  # torch is imported only once the config is valid
+
     resume_from = None
     if args.resume == RESUME_LAST:
         resume_from = config.output_dir / "checkpoints" / "last.pt"
