@@ -450,6 +450,30 @@ def autoassign_loss(
         )
 
 
+def _pairs(
+    boxes: Tensor, labels: Tensor, levels: _Levels, center_prior: CenterPrior, force_topk: int
+) -> tuple[Tensor, Tensor]:
+    """``box_index [K]`` and ``point_index [K]`` of the assignment pairs: the inside pairs,
+    plus the forced top-k points of boxes without any when ``force_topk > 0``."""
+    pair_box, pair_point = _inside_pairs(boxes, levels)
+    if force_topk > 0:
+        has_pair = torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
+        has_pair[pair_box] = True
+        missing = (~has_pair).nonzero().squeeze(1)
+        if missing.numel():
+            forced_box, forced_point = _forced_pairs(
+                boxes, labels, missing, levels, center_prior, force_topk
+            )
+            pair_box = torch.cat((pair_box, forced_box))
+            pair_point = torch.cat((pair_point, forced_point))
+    return pair_box, pair_point
+
+
+def _decode(points: Tensor, ltrb: Tensor) -> Tensor:
+    """Boxes ``[K, 4]`` from points ``[K, 2]`` and left, top, right, bottom distances."""
+    return torch.cat((points - ltrb[:, :2], points + ltrb[:, 2:]), dim=1)
+
+
 def _loss(
     cls_logits,
     bbox_preds,
@@ -472,7 +496,7 @@ def _loss(
 
     cls_prob = _levels_to_images(cls_logits).sigmoid()  # [B, P, C]
     obj_prob = _levels_to_images(objectness).sigmoid()  # [B, P, 1]
-    joint = cls_prob * obj_prob  # [B, P, C]
+    joint = (cls_prob * obj_prob).reshape(-1)  # [B * P * C]
     distances = _levels_to_images(bbox_preds).reshape(-1, 4)  # [B * P, 4]
 
     box_count = torch.tensor([len(b) for b in gt_boxes], device=device)  # [B]
@@ -482,20 +506,10 @@ def _loss(
     box_start = box_count.cumsum(0) - box_count
     num_boxes = boxes.shape[0]
 
-    neg_weights = torch.ones(joint.numel(), dtype=dtype, device=device)
+    neg_weights = torch.ones_like(joint, requires_grad=False)
+    prior_total = torch.zeros((), device=device, dtype=dtype)
     if num_boxes > 0:
-        pair_box, pair_point = _inside_pairs(boxes, levels)
-        if force_topk > 0:
-            has_pair = torch.zeros(num_boxes, dtype=torch.bool, device=device)
-            has_pair[pair_box] = True
-            missing = (~has_pair).nonzero().squeeze(1)
-            if missing.numel():
-                forced_box, forced_point = _forced_pairs(
-                    boxes, labels, missing, levels, center_prior, force_topk
-                )
-                pair_box = torch.cat((pair_box, forced_box))
-                pair_point = torch.cat((pair_point, forced_point))
-
+        pair_box, pair_point = _pairs(boxes, labels, levels, center_prior, force_topk)
         pair_image = box_image[pair_box]
         pair_label = labels[pair_box]
         flat_point = pair_image * num_points + pair_point  # [K] row of [B * P]
@@ -506,11 +520,12 @@ def _loss(
         centre = (target[:, :2] + target[:, 2:]) / 2
         pair_stride = levels.strides[torch.bucketize(pair_point, levels.starts, right=True) - 1]
         prior = center_prior((point_xy - centre) / pair_stride[:, None], pair_label)  # [K]
+        prior_total = prior.detach().sum()
 
-        ltrb = distances[flat_point]  # [K, 4]
-        pred = torch.cat((point_xy - ltrb[:, :2], point_xy + ltrb[:, 2:]), dim=1)  # [K, 4]
+        # Positive: per box, the prior- and confidence-weighted mean of p_pos over its pairs.
+        pred = _decode(point_xy, distances[flat_point])  # [K, 4]
         p_loc = torch.exp(-giou_weight * (1 - aligned_giou(pred, target, eps=BOX_EPS)))
-        p_pos = joint.reshape(-1)[flat_index] * p_loc  # [K]
+        p_pos = joint[flat_index] * p_loc  # [K]
         weighted = torch.exp(3 * p_pos) * prior
         weight_sum = weighted.new_zeros(num_boxes).index_add(0, pair_box, weighted)
         box_prob = weighted.new_zeros(num_boxes).index_add(0, pair_box, weighted * p_pos)
@@ -519,34 +534,33 @@ def _loss(
 
         if flat_point.numel():
             unique_points, pair_to_unique = _unique_ids(flat_point, batch * num_points)
-            unique_xy = levels.points[unique_points % num_points]
-            unique_ltrb = distances.detach()[unique_points]
-            unique_pred = torch.cat(
-                (unique_xy - unique_ltrb[:, :2], unique_xy + unique_ltrb[:, 2:]), 1
+            unique_pred = _decode(
+                levels.points[unique_points % num_points], distances.detach()[unique_points]
             )
             row_max = _row_max_iou(unique_points, unique_pred, boxes, box_start, box_count, levels)
             neg_weights = _negative_weights(
                 flat_index, pair_box, row_max[pair_to_unique], num_boxes, joint.numel()
             )
 
+        # Center: an image whose boxes have no pair at all adds a connected zero.
         prior_per_image = prior.new_zeros(batch).index_add(0, pair_image, prior)
-        has_inside = torch.bincount(pair_image, minlength=batch) > 0
+        has_pairs = torch.bincount(pair_image, minlength=batch) > 0
         center_terms = torch.where(
-            has_inside, box_count.to(dtype) / prior_per_image.clamp(min=EPS), prior_per_image * 0
+            has_pairs, box_count.to(dtype) / prior_per_image.clamp(min=EPS), prior_per_image * 0
         )
-        prior_total = prior.detach().sum()
 
-    x = joint.reshape(-1) * neg_weights
+    x = joint * neg_weights
     neg_sum = (x**2 * F.binary_cross_entropy(x, torch.zeros_like(x), reduction="none")).sum()
 
+    # Every worker joins this all-reduce, with or without boxes of its own.
+    num_gt = torch.tensor(float(num_boxes), device=device, dtype=dtype)
+    num_gt, prior_mass = _reduce_mean(torch.stack((num_gt, prior_total))).clamp(min=1).unbind()
+    loss_neg = neg_weight * neg_sum / prior_mass
     if num_boxes > 0:
-        pos_normaliser = _reduce_mean(torch.tensor(float(num_boxes), device=device, dtype=dtype))
-        loss_pos = pos_weight * pos_sum / pos_normaliser.clamp(min=1)
+        loss_pos = pos_weight * pos_sum / num_gt
         loss_center = center_weight * center_terms.mean()
     else:
-        prior_total = torch.zeros((), device=device, dtype=dtype)
-        connected_zero = sum(x.sum() * 0 for x in [*cls_logits, *bbox_preds, *objectness])
+        connected_zero = sum(t.sum() * 0 for t in [*cls_logits, *bbox_preds, *objectness])
         connected_zero = connected_zero + center_prior.mean.sum() * 0 + center_prior.sigma.sum() * 0
         loss_pos = loss_center = connected_zero
-    loss_neg = neg_weight * neg_sum / _reduce_mean(prior_total).clamp(min=1)
     return {"loss_pos": loss_pos, "loss_neg": loss_neg, "loss_center": loss_center}

@@ -7,6 +7,7 @@ and y = 0, 8, 16, 24), two classes, and float64.
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -523,45 +524,71 @@ def test_matches_dense_reference_in_float32():
 # ------------------------------------------------------------- data-parallel normalisers
 
 
-def _distributed_worker(rank, world_size, init_file, results):
+def _distributed_worker(rank, world_size, init_file, boxes_per_rank, results):
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
     )
     try:
         torch.set_num_threads(1)
-        inputs = random_batch((3 + 5 * rank,), seed=10 + rank)
+        inputs = random_batch((boxes_per_rank[rank],), seed=10 + rank)
         losses = autoassign_loss(*inputs[:3], STRIDES, *inputs[3:])
         results[rank] = {k: v.item() for k, v in losses.items()}
     finally:
         dist.destroy_process_group()
 
 
-def test_normalisers_are_averaged_across_workers(tmp_path):
+def inside_prior_sum(boxes: torch.Tensor, labels: torch.Tensor, prior: CenterPrior) -> float:
+    """Sum of the prior over all (point, box) pairs with the point strictly inside the box."""
+    total = 0.0
+    for stride in STRIDES:
+        height, width = math.ceil(IMAGE_HEIGHT / stride), math.ceil(IMAGE_WIDTH / stride)
+        xs = torch.arange(width, dtype=F64) * stride
+        ys = torch.arange(height, dtype=F64) * stride
+        for box, label in zip(boxes, labels):
+            cols = xs[(xs > box[0]) & (xs < box[2])]
+            rows = ys[(ys > box[1]) & (ys < box[3])]
+            gx = torch.exp(
+                -(((cols - (box[0] + box[2]) / 2) / stride - prior.mean[label, 0]) ** 2)
+                / (2 * prior.sigma[label, 0] ** 2)
+            )
+            gy = torch.exp(
+                -(((rows - (box[1] + box[3]) / 2) / stride - prior.mean[label, 1]) ** 2)
+                / (2 * prior.sigma[label, 1] ** 2)
+            )
+            total += float(gx.sum() * gy.sum())
+    return total
+
+
+@pytest.mark.parametrize("boxes_per_rank", [(3, 8), (0, 8)])
+def test_normalisers_are_averaged_across_workers(tmp_path, boxes_per_rank):
     results = mp.Manager().dict()
-    mp.start_processes(
+    context = mp.start_processes(
         _distributed_worker,
-        args=(2, str(tmp_path / "store"), results),
+        args=(2, str(tmp_path / "store"), boxes_per_rank, results),
         nprocs=2,
+        join=False,
         start_method="fork",
     )
-    # Each worker alone: the same per-image sums with its own N_gt and prior sum.
-    alone, counts, prior_sums = [], [], []
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:  # a worker skipped a collective: they hang
+            for process in context.processes:
+                process.kill()
+            pytest.fail("data-parallel loss workers did not finish within 120 s")
+    # Each worker alone gives the same sums, normalised by its own N_gt and prior sum.
+    alone, prior_sums = [], []
     for rank in range(2):
-        inputs = random_batch((3 + 5 * rank,), seed=10 + rank)
-        alone.append(
-            {k: v.item() for k, v in autoassign_loss(*inputs[:3], STRIDES, *inputs[3:]).items()}
-        )
-        counts.append(3 + 5 * rank)
-        levels = loss_module._make_levels([x.shape[2:] for x in inputs[0]], STRIDES, "cpu", F64)
-        box, point = loss_module._inside_pairs(inputs[3][0], levels)
-        centre = (inputs[3][0][box, :2] + inputs[3][0][box, 2:]) / 2
-        stride = levels.strides[torch.bucketize(point, levels.starts, right=True) - 1]
-        values = inputs[5]((levels.points[point] - centre) / stride[:, None], inputs[4][0][box])
-        prior_sums.append(float(values.detach().sum()))
-    mean_count, mean_prior = sum(counts) / 2, sum(prior_sums) / 2
+        cls, reg, obj, boxes, labels, prior = random_batch((boxes_per_rank[rank],), seed=10 + rank)
+        losses = autoassign_loss(cls, reg, obj, STRIDES, boxes, labels, prior)
+        alone.append({k: v.item() for k, v in losses.items()})
+        with torch.no_grad():
+            prior_sums.append(inside_prior_sum(boxes[0], labels[0], prior))
+    mean_count, mean_prior = sum(boxes_per_rank) / 2, sum(prior_sums) / 2
     for rank in range(2):
-        expected_pos = alone[rank]["loss_pos"] * counts[rank] / mean_count
+        count = boxes_per_rank[rank]
+        expected_pos = alone[rank]["loss_pos"] * max(count, 1) / max(mean_count, 1)
         expected_neg = alone[rank]["loss_neg"] * max(prior_sums[rank], 1) / max(mean_prior, 1)
         assert results[rank]["loss_pos"] == pytest.approx(expected_pos, rel=1e-10)
         assert results[rank]["loss_neg"] == pytest.approx(expected_neg, rel=1e-10)
         assert results[rank]["loss_center"] == pytest.approx(alone[rank]["loss_center"])
+    assert mean_count > 1 and mean_prior > 1 and prior_sums[1] != mean_prior
