@@ -151,6 +151,7 @@ class ProgressLogger(Callback):
 
     def on_train_start(self, state: TrainState) -> None:
         self.timer.reset()
+        self.started = time.perf_counter()
         if state.is_main_process:
             self._write_line(
                 f"training {state.max_epochs} epochs x {state.iters_per_epoch} iterations "
@@ -185,7 +186,8 @@ class ProgressLogger(Callback):
 
     def on_train_end(self, state: TrainState, metrics: dict[str, float]) -> None:
         if state.is_main_process:
-            self._write_line(f"training finished at iteration {state.iteration}")
+            elapsed = format_duration(time.perf_counter() - self.started)
+            self._write_line(f"training finished at iteration {state.iteration} in {elapsed}")
 
     def _status(self, state: TrainState, losses: dict[str, float]) -> str:
         seconds_per_iter = self.timer.mean

@@ -56,7 +56,7 @@ from autoassign.engine.checkpoint import (
 from autoassign.engine.data_setup import prepare_datasets
 from autoassign.engine.optim import WarmupStepSchedule, build_optimizer, scaled_lr
 from autoassign.engine.state import TrainState
-from autoassign.errors import ConfigError, NonFiniteLossError
+from autoassign.errors import CheckpointError, ConfigError, NonFiniteLossError
 
 LOSS_TERMS = ("loss_pos", "loss_neg", "loss_center")
 
@@ -512,9 +512,16 @@ class Trainer:
         """Restore weights, optimizer, schedule position, RNG states and callback state."""
         self.setup()
         checkpoint = load_checkpoint(path, map_location="cpu")
-        self.detector.load_state_dict(checkpoint["model"])
-        if "optimizer" in checkpoint:
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
+        try:
+            self.detector.load_state_dict(checkpoint["model"])
+            if "optimizer" in checkpoint:
+                self.optimizer.load_state_dict(checkpoint["optimizer"])
+        except (RuntimeError, ValueError) as error:
+            first_line = str(error).strip().splitlines()[0]
+            raise CheckpointError(
+                f"{path}: does not fit the model of this config ({first_line}); resume with "
+                "the config the checkpoint was trained with"
+            ) from None
         if checkpoint.get("grad_scaler") is not None and self.grad_scaler.is_enabled():
             self.grad_scaler.load_state_dict(checkpoint["grad_scaler"])
         state = self.state

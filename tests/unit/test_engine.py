@@ -273,3 +273,55 @@ def test_rng_state_round_trip():
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     restore_rng_state(state)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def _data_parallel_worker(rank: int, init_file: str, root: str, out: str) -> None:
+    """One of two CPU processes in a gloo group that the test, not the engine, initialises."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        recorder = Recorder()
+        cfg = tiny_config(Path(root), Path(out), epochs=1, milestones=[1])
+        trainer = Trainer(cfg, callbacks=[recorder], show_progress=False)
+        metrics = trainer.fit()
+        weights = {k: v.clone() for k, v in trainer.detector.state_dict().items()}
+        torch.save(
+            {"weights": weights, "metrics": metrics, "steps": recorder.steps},
+            Path(out).parent / f"rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_ranks_stay_in_step_and_only_rank_0_writes(dataset_root, tmp_path):
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "run"
+    mp.spawn(
+        _data_parallel_worker,
+        args=(str(tmp_path / "init"), str(dataset_root), str(out)),
+        nprocs=2,
+        join=True,
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    # 8 images / (2 per batch x 2 ranks) = 2 iterations; lr scaled to the total batch of 4.
+    assert [s[0] for s in ranks[0]["steps"]] == [1, 2]
+    assert ranks[0]["steps"] == ranks[1]["steps"]  # losses averaged across ranks
+    assert ranks[0]["steps"][1][1] == pytest.approx(0.02 * (0.001 + 0.999 / 3))
+    for name, value in ranks[0]["weights"].items():
+        torch.testing.assert_close(ranks[1]["weights"][name], value, msg=name)
+    assert ranks[1]["metrics"] == pytest.approx(ranks[0]["metrics"], nan_ok=True)
+    assert "bbox_mAP" in ranks[0]["metrics"]
+    train_lines = [r for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "train"]
+    assert [r["iteration"] for r in train_lines] == [1, 2]  # written once, by rank 0
+
+
+def test_resuming_with_a_different_model_is_a_clear_error(dataset_root, tmp_path):
+    first = Recorder(stop_after=1)
+    Trainer(tiny_config(dataset_root, tmp_path / "a"), callbacks=[first]).fit()
+    other = tiny_config(dataset_root, tmp_path / "b")
+    other = other.model_copy(update={"model": other.model.model_copy(update={"fpn_channels": 64})})
+    with pytest.raises(CheckpointError, match="last.pt: does not fit the model of this config"):
+        Trainer(other, show_progress=False).fit(resume_from=tmp_path / "a/checkpoints/last.pt")
