@@ -4,18 +4,15 @@ from __future__ import annotations
 
 from torch import Tensor
 
-
-def _area(boxes: Tensor) -> Tensor:
-    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+Corners = tuple[Tensor, Tensor, Tensor, Tensor]
 
 
-def _overlap_and_union(boxes1: Tensor, boxes2: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    top_left = boxes1[..., :2].maximum(boxes2[..., :2])
-    bottom_right = boxes1[..., 2:].minimum(boxes2[..., 2:])
-    wh = (bottom_right - top_left).clamp(min=0)
-    overlap = wh[..., 0] * wh[..., 1]
-    union = (_area(boxes1) + _area(boxes2) - overlap).clamp(min=eps)
-    return overlap, union
+def _overlap_and_union(a: Corners, b: Corners, eps: float) -> tuple[Tensor, Tensor]:
+    inter_w = (a[2].minimum(b[2]) - a[0].maximum(b[0])).clamp(min=0)
+    inter_h = (a[3].minimum(b[3]) - a[1].maximum(b[1])).clamp(min=0)
+    overlap = inter_w * inter_h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - overlap
+    return overlap, union.clamp(min=eps)
 
 
 def aligned_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-6) -> Tensor:
@@ -23,7 +20,7 @@ def aligned_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-6) -> Tensor:
 
     The union is clamped below at ``eps`` so zero-size boxes give IoU 0, not NaN.
     """
-    overlap, union = _overlap_and_union(boxes1, boxes2, eps)
+    overlap, union = _overlap_and_union(boxes1.unbind(-1), boxes2.unbind(-1), eps)
     return overlap / union
 
 
@@ -33,10 +30,11 @@ def aligned_giou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-6) -> Tensor:
     ``GIoU = IoU - (enclosing - union) / enclosing`` with the union and the enclosing area
     each clamped below at ``eps``: finite (and differentiable) for zero-size boxes.
     """
-    overlap, union = _overlap_and_union(boxes1, boxes2, eps)
-    iou = overlap / union
-    enclose_top_left = boxes1[..., :2].minimum(boxes2[..., :2])
-    enclose_bottom_right = boxes1[..., 2:].maximum(boxes2[..., 2:])
-    enclose_wh = (enclose_bottom_right - enclose_top_left).clamp(min=0)
-    enclose_area = (enclose_wh[..., 0] * enclose_wh[..., 1]).clamp(min=eps)
-    return iou - (enclose_area - union) / enclose_area
+    # One unbind per input: slicing a [K, 4] tensor repeatedly would allocate a [K, 4]
+    # gradient buffer per slice in the backward pass.
+    a, b = boxes1.unbind(-1), boxes2.unbind(-1)
+    overlap, union = _overlap_and_union(a, b, eps)
+    enclose_w = (a[2].maximum(b[2]) - a[0].minimum(b[0])).clamp(min=0)
+    enclose_h = (a[3].maximum(b[3]) - a[1].minimum(b[1])).clamp(min=0)
+    enclose = (enclose_w * enclose_h).clamp(min=eps)
+    return overlap / union - (enclose - union) / enclose

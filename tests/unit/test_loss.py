@@ -13,8 +13,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torchvision
 
 from autoassign.model import loss as loss_module
+from autoassign.model.box_ops import aligned_giou, aligned_iou
 from autoassign.model.center_prior import CenterPrior
 from autoassign.model.loss import LossInputError, autoassign_loss
 from autoassign.model.loss_reference import dense_autoassign_loss
@@ -131,6 +133,23 @@ def grads_reach_everything(losses, head: Head, prior: CenterPrior) -> None:
     total.backward()
     for tensor in (*head.leaves, prior.mean, prior.sigma):
         assert tensor.grad is not None
+
+
+def test_aligned_iou_and_giou_match_torchvision_and_stay_finite_for_empty_boxes():
+    gen = torch.Generator().manual_seed(5)
+    corner = torch.rand(50, 2, generator=gen, dtype=F64) * 100
+    a = torch.cat((corner, corner + torch.rand(50, 2, generator=gen, dtype=F64) * 50 + 1), 1)
+    corner = torch.rand(50, 2, generator=gen, dtype=F64) * 100
+    b = torch.cat((corner, corner + torch.rand(50, 2, generator=gen, dtype=F64) * 50 + 1), 1)
+    torch.testing.assert_close(aligned_iou(a, b), torchvision.ops.box_iou(a, b).diagonal())
+    giou = torchvision.ops.generalized_box_iou(a, b).diagonal()
+    torch.testing.assert_close(aligned_giou(a, b), giou)
+    point = torch.tensor([[5.0, 5.0, 5.0, 5.0]], dtype=F64, requires_grad=True)
+    box = torch.tensor([[0.0, 0.0, 10.0, 10.0]], dtype=F64)
+    value = aligned_giou(point, box)
+    value.sum().backward()
+    assert value.item() == pytest.approx(-(100 - 100) / 100) and aligned_iou(point, box) == 0
+    assert torch.isfinite(point.grad).all()
 
 
 # ---------------------------------------------------------------------------- the rules
