@@ -6,6 +6,17 @@ box of the batch directly from the box's range of grid cells on each level, gath
 per-pair values and reduces them per box with ``index_add`` / ``scatter_reduce``. The results
 (and their gradients) equal the dense definition in ``loss_reference.py``.
 
+The IoU row maximum of the negative loss is over ALL boxes of the image, not only those the
+point is inside; it is needed only for points with at least one pair, and only boxes that
+overlap a point's predicted box can raise it above 0, so it is taken over (point, box)
+candidates that overlap per block of points (see ``_row_max_iou``).
+
+Details that follow the reference implementation (mmdetection's ``AutoAssignHead``) where the
+specification is silent: the ``N_gt`` normaliser is clamped below at 1 after averaging over
+workers; an image whose boxes have no inside point at all (boxes smaller than a stride) adds 0
+to ``loss_center`` rather than ``G / 1e-12``; a box without inside points has ``P_g = 0`` and
+adds BCE's clamped 100 to ``loss_pos``.
+
 Shapes: ``B`` images, ``C`` classes, ``P`` points over all levels, ``N`` boxes in the batch,
 ``K`` (point, box) pairs in the batch. Boxes are ``(x1, y1, x2, y2)`` in input pixels.
 """
