@@ -22,14 +22,23 @@ def synthesize_if_missing(data_cfg: DataConfig) -> None:
 
 
 def check_train_split(data_cfg: DataConfig) -> None:
-    """Scan the train split; raise :class:`DatasetError` with the scan's report on errors."""
-    from autoassign.data.validate import scan_dataset
+    """Scan the train split; raise :class:`DatasetError` with the scan's report on errors.
 
-    report = scan_dataset(data_cfg, data_cfg.train_split)
-    if not report.ok:
+    Rank 0 scans (it reads every image header); the verdict is shared with the other ranks,
+    so every rank stops, with the same message.
+    """
+    problems = None
+    if dist_utils.is_main_process():
+        from autoassign.data.validate import scan_dataset
+
+        report = scan_dataset(data_cfg, data_cfg.train_split)
+        if not report.ok:
+            problems = report.summary()
+    problems = dist_utils.broadcast_object(problems)
+    if problems is not None:
         raise DatasetError(
             f"the {data_cfg.format} dataset at {data_cfg.root} has problems; training not "
-            f"started:\n{report.summary()}"
+            f"started:\n{problems}"
         )
 
 

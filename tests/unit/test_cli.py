@@ -20,11 +20,13 @@ from autoassign.data.synthetic import write_synthetic
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_module(module: str, *args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
+def run_module(
+    module: str, *args: str | Path, cwd: Path, threads: int = 1, timeout: int = 300
+) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-        "OMP_NUM_THREADS": "1",  # the test machine is shared
+        "OMP_NUM_THREADS": str(threads),  # the test machine is shared
         "PYTHONWARNINGS": "ignore::DeprecationWarning",
     }
     return subprocess.run(
@@ -33,7 +35,7 @@ def run_module(module: str, *args: str | Path, cwd: Path) -> subprocess.Complete
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
 
 
@@ -187,3 +189,17 @@ def test_predict_rejects_a_bad_checkpoint(workdir, tmp_path):
     assert "model.pt: not a readable checkpoint" in assert_clean_error(result, 1)
     result = run_module("autoassign.predict", bogus, tmp_path / "nothing.jpg", cwd=tmp_path)
     assert "nothing.jpg: no such image file or folder" in assert_clean_error(result, 2)
+
+
+@pytest.mark.slow
+def test_demo_recipe_reaches_half_a_box_ap(tmp_path):
+    """The whole demo recipe (minutes on two CPU cores; the dataset is written on the fly)."""
+    config = REPO / "configs" / "demo_single.yaml"
+    result = run_module(
+        "autoassign.train", config, "output_dir=runs/demo", cwd=tmp_path, threads=2, timeout=1800
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "data" / "synthetic_coco" / "annotations").is_dir()
+    metrics = json.loads((tmp_path / "runs" / "demo" / "final_metrics.json").read_text())
+    assert metrics["bbox_mAP"] >= 0.5
+    assert metrics["bbox_mAP_50"] >= 0.9
