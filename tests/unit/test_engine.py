@@ -7,6 +7,7 @@ a synthetic COCO-format dataset of 96 px images written by the test.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -16,7 +17,15 @@ import torch
 
 from autoassign.config import ExperimentConfig
 from autoassign.data.synthetic import write_synthetic
-from autoassign.engine import Callback, Trainer, load_checkpoint, save_checkpoint
+from autoassign.engine import (
+    Callback,
+    MetricsFileWriter,
+    ProgressLogger,
+    Trainer,
+    TrainState,
+    load_checkpoint,
+    save_checkpoint,
+)
 from autoassign.engine.checkpoint import capture_rng_state, restore_rng_state
 from autoassign.errors import CheckpointError, NonFiniteLossError
 
@@ -74,6 +83,11 @@ class Recorder(Callback):
         self.steps: list[tuple[int, float, dict[str, float]]] = []
         self.checkpoints: list[Path] = []
         self.epochs: list[tuple[int, dict]] = []
+
+    def on_train_start(self, state):
+        # A callback's own state (e.g. a tracking run id) travels in the checkpoints.
+        self.extra_at_start = dict(state.extra)
+        state.extra.setdefault("tracking_run", f"run-at-iteration-{state.iteration}")
 
     def on_step(self, state, losses):
         self.steps.append((state.iteration, state.lr, dict(losses)))
@@ -147,6 +161,8 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(dataset_root, t
     second = Recorder()
     resumed = Trainer(tiny_config(dataset_root, tmp_path / "b"), callbacks=[second])
     resumed.fit(resume_from=last)
+    assert first.extra_at_start == {}
+    assert second.extra_at_start == {"tracking_run": "run-at-iteration-0"}  # from the checkpoint
 
     steps = first.steps + second.steps
     assert [s[0] for s in steps] == [s[0] for s in full.steps] == list(range(1, 9))
@@ -325,3 +341,47 @@ def test_resuming_with_a_different_model_is_a_clear_error(dataset_root, tmp_path
     other = other.model_copy(update={"model": other.model.model_copy(update={"fpn_channels": 64})})
     with pytest.raises(CheckpointError, match="last.pt: does not fit the model of this config"):
         Trainer(other, show_progress=False).fit(resume_from=tmp_path / "a/checkpoints/last.pt")
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_lines_on_a_terminal_and_in_a_log():
+    state = TrainState(max_epochs=2, iters_per_epoch=3, max_iterations=6, lr=0.01)
+    log, terminal = io.StringIO(), FakeTerminal()
+    loggers = [ProgressLogger(log_every_iters=2, stream=s) for s in (log, terminal)]
+    for logger in loggers:
+        logger.on_train_start(state)
+    for iteration in range(1, 5):
+        state.iteration, state.epoch = iteration, (iteration - 1) // 3
+        for logger in loggers:
+            logger.on_step(state, {"loss": float(iteration), "loss_pos": 0.5})
+    lines = log.getvalue().splitlines()
+    assert lines[0].startswith("training 2 epochs x 3 iterations")
+    assert len(lines) == 3 and "\r" not in log.getvalue()
+    assert lines[1].startswith("epoch 1/2 iter 2/6 ") and "loss 1.5000 loss_pos 0.5000" in lines[1]
+    assert lines[2].startswith("epoch 2/2 iter 4/6 ") and "loss 3.5000" in lines[2]
+    assert "it/s ETA 0:00:0" in lines[2]
+    shown = terminal.getvalue()
+    assert "\r" in shown and "\033[K" in shown  # one status line redrawn in place
+
+
+def test_metrics_file_has_interval_means_and_eval_records(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    writer = MetricsFileWriter(path, log_every_iters=2)
+    state = TrainState(max_epochs=1, iters_per_epoch=4, max_iterations=4)
+    writer.on_train_start(state)
+    for iteration, loss in enumerate([4.0, 2.0, float("nan"), 1.0], start=1):
+        state.iteration = iteration
+        writer.on_step(state, {"loss": loss})
+    writer.on_epoch_end(state, {"bbox_mAP": 0.25, "bbox_mAP_l": float("nan")})
+    records = read_jsonl(path)
+    assert [(r["type"], r["iteration"]) for r in records] == [
+        ("train", 2),
+        ("train", 4),
+        ("eval", 4),
+    ]
+    assert records[0]["loss"] == 3.0 and records[1]["loss"] == 1.0  # NaN steps left out
+    assert records[2]["bbox_mAP"] == 0.25 and records[2]["bbox_mAP_l"] is None
