@@ -157,8 +157,9 @@ def run(args: argparse.Namespace) -> Path:
             canvas = draw_detections(
                 picture,
                 output["boxes"][drawn].numpy(),
-                [predictor.class_names[int(i)] for i in output["labels"][drawn]],
+                output["labels"][drawn].tolist(),
                 output["scores"][drawn].numpy(),
+                predictor.class_names,
             )
         target = args.out / "images" / name
         target.parent.mkdir(parents=True, exist_ok=True)

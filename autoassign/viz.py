@@ -79,20 +79,21 @@ def write_center_prior_report(
 def draw_detections(
     image: Image.Image,
     boxes: np.ndarray,
-    labels: Sequence[str],
+    labels: Sequence[int],
     scores: np.ndarray,
+    class_names: Sequence[str],
 ) -> Image.Image:
-    """A copy of ``image`` with each ``[x1, y1, x2, y2]`` box (pixels) outlined and captioned."""
+    """A copy of ``image`` with each ``[x1, y1, x2, y2]`` box (pixels) outlined and captioned
+    with its class name and score; one colour per class index."""
     canvas = image.convert("RGB").copy()
     draw = ImageDraw.Draw(canvas)
-    palette = plt.get_cmap("tab10")
-    names = sorted(set(labels))
+    palette = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
     for box, label, score in zip(boxes, labels, scores):
-        rgb = palette(names.index(label) % 10)[:3]
+        rgb = palette(int(label) % palette.N)[:3]
         color = tuple(int(255 * c) for c in rgb)
         x1, y1, x2, y2 = (float(v) for v in box)
         draw.rectangle((x1, y1, x2, y2), outline=color, width=2)
-        draw.text((x1 + 2, max(y1 - 11, 0)), f"{label} {score:.2f}", fill=color)
+        draw.text((x1 + 2, max(y1 - 11, 0)), f"{class_names[int(label)]} {score:.2f}", fill=color)
     return canvas
 
 
