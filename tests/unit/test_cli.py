@@ -203,3 +203,16 @@ def test_demo_recipe_reaches_half_a_box_ap(tmp_path):
     metrics = json.loads((tmp_path / "runs" / "demo" / "final_metrics.json").read_text())
     assert metrics["bbox_mAP"] >= 0.5
     assert metrics["bbox_mAP_50"] >= 0.9
+
+
+def test_resume_flag_parsing():
+    from autoassign.train import RESUME_LAST, parse_args
+
+    args = parse_args(["x.yaml", "train.lr=0.1", "--resume"])
+    assert (args.resume, args.overrides) == (RESUME_LAST, ["train.lr=0.1"])
+    args = parse_args(["x.yaml", "--resume", "runs/a/epoch_3.pt", "seed=2"])
+    assert (args.resume, args.overrides) == ("runs/a/epoch_3.pt", ["seed=2"])
+    # A bare --resume followed by an override: the override is not taken for a path.
+    args = parse_args(["x.yaml", "--resume", "seed=2"])
+    assert (args.resume, args.overrides) == (RESUME_LAST, ["seed=2"])
+    assert parse_args(["x.yaml"]).resume is None
