@@ -268,7 +268,7 @@ class Trainer:
         self.callbacks.on_train_start(state)
 
         self.model.train()
-        metrics: dict[str, float] = {}
+        metrics: dict[str, float] | None = None
         while state.epoch < self.max_epochs:
             stopped = self._train_epoch()
             if stopped:
@@ -279,7 +279,7 @@ class Trainer:
             if state.should_stop and state.epoch < self.max_epochs:
                 return {}
 
-        if not metrics:  # resumed from a checkpoint written after the last epoch
+        if metrics is None:  # resumed from a checkpoint written after the last epoch
             metrics = self.evaluate()
         self._write_final_outputs(metrics)
         self.callbacks.on_train_end(state, metrics)
@@ -288,16 +288,18 @@ class Trainer:
     def _train_epoch(self) -> bool:
         """Run the rest of the current epoch; True when a callback asked to stop."""
         state = self.state
+        if state.batch_in_epoch >= self.iters_per_epoch:
+            return False
         self.train_loader.batch_sampler.set_epoch(state.epoch, start_batch=state.batch_in_epoch)
         for batch in self.train_loader:
-            if state.batch_in_epoch >= self.iters_per_epoch:
-                break
             state.lr = self.schedule.apply(self.optimizer, state.iteration)
             losses = self._train_step(batch)
             state.iteration += 1
             state.batch_in_epoch += 1
             self.callbacks.on_step(state, losses)
-            if state.should_stop and state.batch_in_epoch < self.iters_per_epoch:
+            if state.batch_in_epoch >= self.iters_per_epoch:  # train.max_iters_per_epoch
+                break
+            if state.should_stop:
                 return True
         return False
 

@@ -385,3 +385,12 @@ def test_metrics_file_has_interval_means_and_eval_records(tmp_path):
     ]
     assert records[0]["loss"] == 3.0 and records[1]["loss"] == 1.0  # NaN steps left out
     assert records[2]["bbox_mAP"] == 0.25 and records[2]["bbox_mAP_l"] is None
+
+
+def test_max_iters_per_epoch_cuts_epochs_short(dataset_root, tmp_path):
+    cfg = tiny_config(dataset_root, tmp_path / "run", max_iters_per_epoch=1, warmup_iters=0)
+    recorder = Recorder()
+    Trainer(cfg, callbacks=[recorder], show_progress=False).fit()
+    # One iteration per epoch, so the milestone after epoch 1 applies from iteration 2.
+    assert [(s[0], s[1]) for s in recorder.steps] == [(1, 0.01), (2, pytest.approx(0.001))]
+    assert load_checkpoint(tmp_path / "run/checkpoints/last.pt")["iteration"] == 2
