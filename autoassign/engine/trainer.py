@@ -104,11 +104,6 @@ def _flatten(value: Any) -> list[torch.Tensor]:
     return []
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The detector inside a DDP wrapper (or the model itself)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 class Trainer:
     """Trains one detector as ``config`` says, evaluating and checkpointing along the way.
 
