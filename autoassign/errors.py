@@ -6,6 +6,9 @@ exit with :attr:`AutoAssignError.exit_code` (2 for configuration mistakes, 1 oth
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
 
 class AutoAssignError(Exception):
     """Base of every error the library raises on purpose (bad input, bad state)."""
@@ -55,3 +58,24 @@ def user_error_exit_code(error: BaseException) -> int | None:
     except ImportError:  # evaluation package not importable: nothing of its to recognise
         pass
     return 1 if isinstance(error, known) else None
+
+
+def run_cli(command: Callable[[], object]) -> int:
+    """Run a command-line entry point's body; the exit status for ``sys.exit``.
+
+    Bad input (see :func:`user_error_exit_code`) prints ``error: <message>`` on stderr with no
+    traceback; Ctrl-C prints ``interrupted`` and returns 130; anything else is a bug and keeps
+    its traceback.
+    """
+    try:
+        command()
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        code = user_error_exit_code(error)
+        if code is None:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return code
+    return 0

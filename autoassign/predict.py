@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from autoassign.errors import ConfigError, user_error_exit_code
+from autoassign.errors import ConfigError, run_cli
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -182,15 +182,7 @@ def run(args: argparse.Namespace) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        run(args)
-    except Exception as error:
-        code = user_error_exit_code(error)
-        if code is None:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return code
-    return 0
+    return run_cli(lambda: run(args))
 
 
 if __name__ == "__main__":

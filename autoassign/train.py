@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from autoassign.errors import user_error_exit_code
+from autoassign.errors import run_cli
 
 RESUME_LAST = "last"
 
@@ -72,18 +72,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        run(args)
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    except Exception as error:
-        code = user_error_exit_code(error)
-        if code is None:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return code
-    return 0
+    return run_cli(lambda: run(args))
 
 
 if __name__ == "__main__":
