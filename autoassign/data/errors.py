@@ -73,8 +73,22 @@ class DatasetError(_LibraryDatasetError):
         return cls(f"{place}: {problem.message}", problem)
 
 
+class ProblemsBySeverity:
+    """``errors`` and ``warnings`` views of a ``problems: list[Problem]`` attribute."""
+
+    problems: list[Problem]
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "warning"]
+
+
 @dataclass
-class ProblemLog:
+class ProblemLog(ProblemsBySeverity):
     """Collects problems while reading.
 
     With ``strict=True`` (what the readers use by default) the first error raises
@@ -103,14 +117,6 @@ class ProblemLog:
         """Record an error that stopped a reader (only reached when not strict)."""
         problem = error.problem or Problem("error", MALFORMED, "", "", str(error))
         self.problems.append(problem)
-
-    @property
-    def errors(self) -> list[Problem]:
-        return [p for p in self.problems if p.severity == "error"]
-
-    @property
-    def warnings(self) -> list[Problem]:
-        return [p for p in self.problems if p.severity == "warning"]
 
 
 def check_boxes(

@@ -19,11 +19,11 @@ from typing import Any
 
 from ..config import DataConfig
 from . import _read_root, count_boxes
-from .errors import DatasetError, Problem, ProblemLog
+from .errors import DatasetError, Problem, ProblemLog, ProblemsBySeverity
 
 
 @dataclass
-class ScanReport:
+class ScanReport(ProblemsBySeverity):
     """What a scan found in one split (with the extra train roots for the training split)."""
 
     format: str
@@ -37,14 +37,6 @@ class ScanReport:
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
-
-    @property
-    def errors(self) -> list[Problem]:
-        return [p for p in self.problems if p.severity == "error"]
-
-    @property
-    def warnings(self) -> list[Problem]:
-        return [p for p in self.problems if p.severity == "warning"]
 
     @property
     def ok(self) -> bool:
