@@ -277,6 +277,25 @@ def _background(rng: np.random.Generator, width: int, height: int) -> Image.Imag
     return image
 
 
+def _free_position(
+    rng: np.random.Generator,
+    w: int,
+    h: int,
+    width: int,
+    height: int,
+    placed: list[tuple[int, int, int, int]],
+    attempts: int = 20,
+) -> tuple[int, int] | None:
+    """Top-left ``(x, y)`` of a ``w x h`` box inside the image that overlaps no ``placed``
+    box, from up to ``attempts`` random tries; None when every try overlaps."""
+    for _attempt in range(attempts):
+        x = int(rng.integers(0, width - w + 1))
+        y = int(rng.integers(0, height - h + 1))
+        if not _overlaps((x, y, x + w, y + h), placed):
+            return x, y
+    return None
+
+
 def _overlaps(box: tuple[int, int, int, int], placed: list[tuple[int, int, int, int]]) -> bool:
     margin = 2
     x1, y1, x2, y2 = box
@@ -305,13 +324,10 @@ def _shape_scene(
         aspect = math.exp(rng.uniform(-0.35, 0.35))
         w = int(min(max(round(side * math.sqrt(aspect)), 6), width - 2))
         h = int(min(max(round(side / math.sqrt(aspect)), 6), height - 2))
-        for _attempt in range(20):
-            x = int(rng.integers(0, width - w + 1))
-            y = int(rng.integers(0, height - h + 1))
-            if not _overlaps((x, y, x + w, y + h), cells):
-                break
-        else:
+        position = _free_position(rng, w, h, width, height, cells)
+        if position is None:
             continue
+        x, y = position
         shape = SHAPES[label]
         drawn = _draw_shape(canvas, rng, shape, COLOURS[shape], x, y, w, h)
         if drawn is None:
@@ -355,13 +371,10 @@ def _face_scene(
     for _ in range(int(rng.integers(1, 13))):
         h = int(math.exp(rng.uniform(math.log(16 * scale), math.log(120 * scale))))
         w = max(int(round(h * rng.uniform(0.7, 0.9))), 4)
-        for _attempt in range(20):
-            x = int(rng.integers(0, width - w + 1))
-            y = int(rng.integers(0, height - h + 1))
-            if not _overlaps((x, y, x + w, y + h), cells):
-                break
-        else:
+        position = _free_position(rng, w, h, width, height, cells)
+        if position is None:
             continue
+        x, y = position
         cells.append((x, y, x + w, y + h))
         faces.append(_draw_face(canvas, rng, x, y, w, h))
     return canvas, faces
