@@ -7,10 +7,13 @@ An evaluator follows the ``reset / process / evaluate`` cycle:
         evaluator.process(model_outputs_for_batch)   # one dict per image
     metrics = evaluator.evaluate()                   # every rank gets the same dict
 
-``process`` stores each image's predictions under its ``file_name``. ``evaluate`` gathers the
-stores of all ranks (``torch.distributed.all_gather_object``), merges them with
+``process`` stores each image's predictions under its ``file_name``. Under
+``torch.distributed``, ``evaluate`` gathers the stores of all ranks on rank 0 only
+(``torch.distributed.gather_object``; with NCCL the current CUDA device must be set, as
+:func:`autoassign.engine.device.resolve_device` does), merges them with
 :func:`merge_prediction_shards` (an image two ranks saw, as a padded ``DistributedSampler``
-makes happen, counts once) and hands the merged store to the protocol's :meth:`compute`.
+makes happen, counts once), runs the protocol's :meth:`compute` there, and broadcasts the
+metrics so that every rank returns the same dict. Alone, it computes on its own store.
 Images that received no predictions count as images where the detector found nothing.
 """
 
@@ -128,14 +131,41 @@ def gather_prediction_store(local: PredictionStore) -> PredictionStore:
     return merge_prediction_shards(shards)
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def gather_prediction_store_to_main(local: PredictionStore) -> PredictionStore | None:
+    """The merged store of all ranks on rank 0 (``None`` on the others); ``local`` alone
+    outside ``torch.distributed``."""
+    if not _distributed():
+        return dict(local)
+    dist = torch.distributed
+    shards: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(local, shards, dst=0)
+    return merge_prediction_shards(shards) if shards is not None else None
+
+
+def _broadcast_from_main(value: Any) -> Any:
+    if not _distributed():
+        return value
+    holder = [value]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 class Evaluator:
     """Base class: collects predictions per image; subclasses implement :meth:`compute`.
 
     Attributes:
+        primary_metric: the name of the protocol's headline metric among those
+            :meth:`compute` returns (what model selection compares).
         dataset: the split being evaluated (records and ``meta``).
         notes: what the last :meth:`evaluate` did differently from the official protocol
             (for example a fallback); empty when it followed it exactly.
     """
+
+    primary_metric: str = ""
 
     def __init__(self, dataset: DetectionDataset):
         self.dataset = dataset
@@ -177,12 +207,32 @@ class Evaluator:
         return dict(self._store)
 
     def evaluate(self) -> dict[str, float]:
-        """Gather the predictions of all ranks and compute the metrics (on every rank)."""
+        """The metrics of the predictions of all ranks; every rank returns the same dict.
+
+        Rank 0 gathers and computes; the others wait for its result. An error in
+        :meth:`compute` is raised on rank 0 as is and, as :class:`EvaluationError` with the
+        same message, on the other ranks (so none waits forever).
+        """
         self.notes = []
-        metrics = self.compute(gather_prediction_store(self._store))
-        for note in self.notes:
-            logger.warning("%s evaluation: %s", self.dataset.format, note)
-        return {name: float(value) for name, value in metrics.items()}
+        store = gather_prediction_store_to_main(self._store)
+        outcome: tuple[str, Any, list[str]] | None = None
+        error: Exception | None = None
+        if store is not None:
+            try:
+                metrics = {name: float(value) for name, value in self.compute(store).items()}
+                for note in self.notes:
+                    logger.warning("%s evaluation: %s", self.dataset.format, note)
+                outcome = ("ok", metrics, list(self.notes))
+            except Exception as raised:
+                error = raised
+                outcome = ("error", f"{type(raised).__name__}: {raised}", [])
+        outcome = _broadcast_from_main(outcome)
+        if error is not None:
+            raise error
+        kind, value, self.notes = outcome
+        if kind == "error":
+            raise EvaluationError(f"evaluation failed on rank 0: {value}")
+        return value
 
     def compute(self, store: PredictionStore) -> dict[str, float]:
         """The protocol's metrics for ``store`` (images missing from it found nothing)."""

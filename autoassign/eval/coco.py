@@ -133,6 +133,8 @@ def store_to_coco_results(
 class COCOEvaluator(Evaluator):
     """pycocotools bbox evaluation of a COCO-format split (COCO, Objects365)."""
 
+    primary_metric = "bbox_mAP"
+
     def __init__(self, dataset: DetectionDataset):
         super().__init__(dataset)
         self._category_ids = category_id_list(dataset)

@@ -135,6 +135,8 @@ def class_curve(
 class VOCEvaluator(Evaluator):
     """VOC mAP (11-point and area) of a split whose difficult objects are ``ignore``."""
 
+    primary_metric = "mAP"
+
     def __init__(self, dataset: DetectionDataset, metric: Literal["11pt", "area"] = "11pt"):
         super().__init__(dataset)
         if metric not in ("11pt", "area"):

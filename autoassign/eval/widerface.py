@@ -365,6 +365,8 @@ class WiderFaceEvaluator(Evaluator):
             fallback rule is used (said in :attr:`notes`).
     """
 
+    primary_metric = "AP_hard"
+
     def __init__(self, dataset: DetectionDataset, ground_truth_dir: Path | str | None = None):
         super().__init__(dataset)
         self.ground_truth_dir = Path(ground_truth_dir) if ground_truth_dir is not None else None

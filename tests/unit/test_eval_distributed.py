@@ -1,4 +1,5 @@
-"""Evaluators under a real two-process gloo group: all ranks get the single-process metrics."""
+"""Evaluators under a real two-process gloo group: all ranks get the single-process metrics,
+computed once, on rank 0."""
 
 from __future__ import annotations
 
@@ -50,10 +51,14 @@ def rank_main(rank: int, store_file: str, out_dir: str, dataset, shards) -> None
     dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=2)
     try:
         evaluator = build_evaluator(dataset)
+        calls = []
+        compute = evaluator.compute
+        evaluator.compute = lambda store: calls.append(len(store)) or compute(store)
         evaluator.reset()
         evaluator.process(shards[rank])
         metrics = evaluator.evaluate()
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(metrics))
+        result = {"metrics": metrics, "compute_calls": calls}
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
 
@@ -76,6 +81,16 @@ def test_two_ranks_agree_with_one_process(tmp_path):
         nprocs=2,
         join=True,
     )
-    for rank in (0, 1):
-        metrics = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert metrics == pytest.approx(expected), rank
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for rank, result in enumerate(results):
+        assert result["metrics"] == pytest.approx(expected), rank
+    # Only rank 0 ran the protocol, on the merged store of all 3 images.
+    assert [result["compute_calls"] for result in results] == [[3], []]
+
+
+def test_primary_metric_is_among_the_metrics(tmp_path):
+    dataset, predictions = scene(tmp_path)
+    evaluator = build_evaluator(dataset)
+    evaluator.process(predictions)
+    assert evaluator.primary_metric == "mAP"
+    assert evaluator.primary_metric in evaluator.evaluate()
