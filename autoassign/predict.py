@@ -3,9 +3,11 @@
     python -m autoassign.predict CHECKPOINT IMAGES... [--out DIR] [--score-threshold T]
         [--root DIR] [--draw-threshold T] [--device auto|cpu|cuda]
 
-IMAGES are image files or folders (searched recursively for .jpg/.jpeg/.png). The model is
-rebuilt from the checkpoint's resolved config and weights; each image is resized as in
-evaluation (``model.input``). Written to ``--out`` (default ``predictions``):
+CHECKPOINT is a checkpoint directory (e.g. ``runs/x/checkpoints/last``) or its
+``checkpoint.pt``. IMAGES are image files or folders (searched recursively for
+.jpg/.jpeg/.png). The model is rebuilt from the checkpoint's resolved config and weights;
+each image is resized as in evaluation (``model.input``). Written to ``--out`` (default
+``predictions``):
 
 - ``predictions.json``: one entry per image, ``{"file_name", "boxes" (xyxy, original
   pixels), "scores", "labels" (class names)}``, the format ``python -m autoassign.eval``
@@ -36,7 +38,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m autoassign.predict",
         description="Detect objects in images with a trained AutoAssign checkpoint.",
     )
-    parser.add_argument("checkpoint", type=Path, help="a checkpoint written by training")
+    parser.add_argument(
+        "checkpoint", type=Path, help="a checkpoint directory or file written by training"
+    )
     parser.add_argument("images", nargs="+", type=Path, help="image files or folders")
     parser.add_argument("--out", type=Path, default=Path("predictions"), help="output folder")
     parser.add_argument(
@@ -88,11 +92,12 @@ class Predictor:
     ``eval.batch_size: 1`` (GroupNorm sees the padding, so batch composition matters).
     """
 
-    def __init__(self, checkpoint_path: Path, *, device: str = "auto"):
+    def __init__(self, checkpoint_path: Path, *, device: str | torch.device = "auto"):
+        """Rebuild the detector of ``checkpoint_path`` (a checkpoint directory or file)."""
         from autoassign.config import ExperimentConfig
         from autoassign.config_loading import validate_model
         from autoassign.engine.checkpoint import load_checkpoint
-        from autoassign.engine.trainer import resolve_device
+        from autoassign.engine.device import resolve_device
         from autoassign.errors import CheckpointError
         from autoassign.model import build_detector
 

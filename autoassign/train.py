@@ -38,7 +38,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         const=RESUME_LAST,
         default=None,
         metavar="PATH",
-        help="continue from a checkpoint (default: OUTPUT_DIR/checkpoints/last.pt)",
+        help="continue from a checkpoint directory or file (default: OUTPUT_DIR/checkpoints/last)",
     )
     args = parser.parse_intermixed_args(argv)
     # "--resume key=value" : argparse took an override as the resume path.
@@ -58,8 +58,10 @@ def run(args: argparse.Namespace) -> dict[str, float]:
 
     resume_from = None
     if args.resume == RESUME_LAST:
-        resume_from = config.output_dir / "checkpoints" / "last.pt"
-        if not resume_from.is_file():
+        from autoassign.engine.checkpoint import CHECKPOINT_FILE, LAST_DIR
+
+        resume_from = config.output_dir / "checkpoints" / LAST_DIR
+        if not (resume_from / CHECKPOINT_FILE).is_file():
             raise CheckpointError(f"--resume: no checkpoint at {resume_from} to continue from")
     elif args.resume is not None:
         resume_from = Path(args.resume)

@@ -25,10 +25,17 @@ class Callback:
     - ``on_step(state, losses)``: after every optimizer step (also skipped ones, whose losses
       are not finite); ``losses`` are averaged across ranks: ``loss`` (the total) and each term.
     - ``on_epoch_end(state, metrics)``: after each epoch; ``metrics`` are the evaluation's
-      (empty when this epoch was not evaluated).
-    - ``on_checkpoint(state, path)``: after a checkpoint was written (rank 0 writes; every rank
-      is told).
-    - ``on_train_end(state, metrics)``: at the end, with the final evaluation.
+      (empty when this epoch was not evaluated; ``state.primary_metric`` names the headline
+      one); ``state.epoch_losses`` holds the epoch's mean training losses.
+    - ``on_checkpoint(state, path)``: after a checkpoint was written; ``path`` is the
+      checkpoint's directory (e.g. ``checkpoints/epoch_0004``, holding ``checkpoint.pt``;
+      rank 0 writes, every rank is told).
+    - ``on_train_end(state, metrics)``: at the end, with the final evaluation (``{}`` when
+      stopped or failed); always called once ``on_train_start`` was, ``state.status`` says
+      how the run ended and ``state.error`` why it failed.
+
+    ``state.epoch`` is the epoch being trained (``on_step``) or just finished (``on_epoch_end``
+    and an epoch end's ``on_checkpoint``); ``state.epochs_completed`` counts finished epochs.
     """
 
     def on_train_start(self, state: TrainState) -> None:
@@ -186,8 +193,10 @@ class ProgressLogger(Callback):
 
     def on_train_end(self, state: TrainState, metrics: dict[str, float]) -> None:
         if state.is_main_process:
-            elapsed = format_duration(time.perf_counter() - self.started)
-            self._write_line(f"training finished at iteration {state.iteration} in {elapsed}")
+            started = getattr(self, "started", time.perf_counter())
+            elapsed = format_duration(time.perf_counter() - started)
+            ended = "finished" if state.status in ("running", "finished") else state.status
+            self._write_line(f"training {ended} at iteration {state.iteration} in {elapsed}")
 
     def _status(self, state: TrainState, losses: dict[str, float]) -> str:
         seconds_per_iter = self.timer.mean

@@ -50,3 +50,17 @@ def broadcast_object(value: object, src: int = 0) -> object:
     holder = [value]
     dist.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+def max_per_rank(value: torch.Tensor) -> torch.Tensor:
+    """``[world_size]``: every rank's 0-dim integer ``value``, on every rank (one all-reduce).
+
+    Each rank writes its value at its own index of a zero vector and the vectors are reduced
+    with MAX, so ``result.any()`` is "some rank reported" and the nonzero entries say which.
+    All ranks must call it for the same step, whatever their value.
+    """
+    values = torch.zeros(get_world_size(), dtype=torch.int64, device=value.device)
+    values[get_rank()] = value.to(torch.int64)
+    if is_distributed():
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values

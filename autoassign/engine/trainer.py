@@ -11,23 +11,31 @@ only rank 0 writes files. The loop itself never initialises the process group.
 Per epoch: train, evaluate when due (``eval.every_epochs``, always after the last), write a
 checkpoint when due (``train.checkpoint_every_epochs``, always after the last), then call
 ``on_epoch_end`` (after ``on_checkpoint``, so a callback can report an epoch's metrics together
-with its checkpoint). Files under ``output_dir``:
+with its checkpoint). ``on_train_end`` is called whenever ``on_train_start`` was, also when
+the run stops early or fails (``state.status`` says which). Files under ``output_dir``:
 
     config.yaml            the resolved config
+    dataset_scan.json      the record of a passed dataset scan, reused by later fits
     metrics.jsonl          train losses every ``log_every_iters`` steps, eval metrics per epoch
-    checkpoints/epoch_N.pt checkpoints/last.pt
+    checkpoints/epoch_NNNN/checkpoint.pt    after NNNN completed epochs
+    checkpoints/iter_NNNNNNNN/checkpoint.pt a run stopped mid-epoch
+    checkpoints/last/checkpoint.pt          the latest checkpoint
     final_metrics.json     the last evaluation
     center_prior.png/json  the learned center priors per class
+
+Non-finite values are agreed on by all ranks before anyone acts: each step, every rank
+contributes a flag (its head outputs, parameters or loss not finite) to one all-reduce
+before backward, so under ``train.on_nonfinite_loss: error`` every rank raises and under
+``skip`` every rank skips the step.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
-import os
 import random
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -49,25 +57,30 @@ from autoassign.engine.callbacks import (
 )
 from autoassign.engine.checkpoint import (
     capture_rng_state,
+    epoch_checkpoint_dir,
+    iteration_checkpoint_dir,
     load_checkpoint,
+    resolve_checkpoint_path,
     restore_rng_state,
-    save_checkpoint,
+    save_checkpoint_dir,
+    update_last,
 )
 from autoassign.engine.data_setup import prepare_datasets
+from autoassign.engine.device import resolve_device
 from autoassign.engine.optim import WarmupStepSchedule, build_optimizer, scaled_lr
-from autoassign.engine.state import TrainState
+from autoassign.engine.resume import resume_position
+from autoassign.engine.state import FAILED, FINISHED, RUNNING, STOPPED, TrainState
 from autoassign.errors import CheckpointError, ConfigError, NonFiniteLossError
 
+__all__ = ["LOSS_TERMS", "Trainer", "resolve_device", "seed_everything"]
+
+logger = logging.getLogger(__name__)
+
 LOSS_TERMS = ("loss_pos", "loss_neg", "loss_center")
+LOSS_NAMES = ("loss", *LOSS_TERMS)
 
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"``: this process's CUDA device when CUDA is available, else the CPU."""
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError("device: 'cuda' was asked for but CUDA is not available")
-    return torch.device("cuda", torch.cuda.current_device())
+# What a rank reports about its step (see Trainer._local_code).
+_FINITE, _NONFINITE_LOSS, _NONFINITE_HEAD, _FORWARD_FAILED = 0, 1, 2, 3
 
 
 def seed_everything(seed: int) -> None:
@@ -77,31 +90,70 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class _NonFiniteHeadOutput(Exception):
-    """Raised inside the forward pass when the head's outputs hold NaN or inf."""
-
-
-def _check_head_outputs(module: nn.Module, inputs: Any, outputs: Any) -> None:
-    """Forward hook on the head (training only): stop before the loss sees NaN or inf.
+class _HeadOutputGuard:
+    """Forward hook on the head (training only): replaces NaN / inf outputs by zeros and
+    remembers that it did, in :attr:`nonfinite` (a 0-dim bool tensor, no host sync).
 
     The losses' binary cross-entropy rejects NaN probabilities with an unrelated error (a
-    device-side assert on CUDA), so non-finite values are caught here, where they appear.
+    device-side assert on CUDA), so non-finite values are neutralised where they appear. The
+    hook never raises: under DDP the other ranks would wait forever in a collective. The
+    forward pass goes on with finite values and the trainer decides, with all ranks, what to
+    do with the step (it is never applied).
     """
-    if not module.training:
-        return
-    tensors = [t for t in _flatten(outputs) if t.is_floating_point()]
-    if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
-        raise _NonFiniteHeadOutput
+
+    def __init__(self) -> None:
+        self.nonfinite: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self.nonfinite = None
+
+    def tripped(self) -> bool:
+        return self.nonfinite is not None and bool(self.nonfinite)
+
+    def __call__(self, module: nn.Module, inputs: Any, outputs: Any) -> Any:
+        if not module.training:
+            return None
+        flags: list[torch.Tensor] = []
+
+        def sanitise(tensor: torch.Tensor) -> torch.Tensor:
+            if not tensor.is_floating_point():
+                return tensor
+            flags.append(~torch.isfinite(tensor).all())
+            return torch.nan_to_num(tensor, nan=0.0, posinf=0.0, neginf=0.0)
+
+        sanitised = _map_tensors(outputs, sanitise)
+        if flags:
+            self.nonfinite = torch.stack(flags).any()
+        return sanitised
 
 
-def _flatten(value: Any) -> list[torch.Tensor]:
+def _map_tensors(value: Any, fn: Any) -> Any:
+    """``value`` (nested tuples, lists, dicts of tensors) with ``fn`` applied to each tensor."""
     if isinstance(value, torch.Tensor):
-        return [value]
+        return fn(value)
     if isinstance(value, dict):
-        value = list(value.values())
+        return {key: _map_tensors(item, fn) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [t for item in value for t in _flatten(item)]
-    return []
+        return type(value)(_map_tensors(item, fn) for item in value)
+    return value
+
+
+class _EpochLossMeans:
+    """Means of each loss over an epoch's steps, each over the steps where it was finite."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, losses: dict[str, float]) -> None:
+        for name in LOSS_NAMES:
+            value = losses.get(name, math.nan)
+            if math.isfinite(value):
+                self.sums[name] = self.sums.get(name, 0.0) + value
+                self.counts[name] = self.counts.get(name, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {name: self.sums[name] / self.counts[name] for name in self.sums}
 
 
 class Trainer:
@@ -109,6 +161,9 @@ class Trainer:
 
     Args:
         config: the resolved experiment config.
+        device: where to compute; ``None`` takes ``config.device``. ``"auto"`` / ``"cuda"``
+            mean ``cuda:$LOCAL_RANK`` when CUDA is available (see :func:`resolve_device`);
+            a ``torch.device`` is used as is.
         callbacks: extra callbacks, called after the built-in progress and metrics writers.
         output_dir: overrides ``config.output_dir`` (where rank 0 writes metrics and plots).
         checkpoint_dir: where checkpoints go; default ``output_dir / "checkpoints"``.
@@ -121,6 +176,7 @@ class Trainer:
         self,
         config: ExperimentConfig,
         *,
+        device: str | torch.device | None = None,
         callbacks: Sequence[Callback] = (),
         output_dir: str | Path | None = None,
         checkpoint_dir: str | Path | None = None,
@@ -128,6 +184,7 @@ class Trainer:
         show_progress: bool = True,
     ):
         self.config = config
+        self.requested_device = device if device is not None else config.device
         self.output_dir = Path(output_dir if output_dir is not None else config.output_dir)
         self.checkpoint_dir = (
             Path(checkpoint_dir) if checkpoint_dir is not None else self.output_dir / "checkpoints"
@@ -143,6 +200,8 @@ class Trainer:
             )
         )
         self.callbacks = CallbackList([*builtin, *callbacks])
+        self._head_guard = _HeadOutputGuard()
+        self._epoch_losses = _EpochLossMeans()
         self._built = False
 
     # ----------------------------------------------------------------------------------------
@@ -164,10 +223,12 @@ class Trainer:
         cfg = self.config
         self.rank = dist_utils.get_rank()
         self.world_size = dist_utils.get_world_size()
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(self.requested_device)
         self.is_main = self.rank == 0
 
-        self.train_dataset, self.val_dataset = prepare_datasets(cfg.data)
+        self.train_dataset, self.val_dataset = prepare_datasets(
+            cfg.data, scan_record=self.output_dir / "dataset_scan.json"
+        )
         if self.train_dataset.num_classes != cfg.model.num_classes:
             raise ConfigError(
                 f"model.num_classes is {cfg.model.num_classes} but the {cfg.data.format} "
@@ -181,15 +242,15 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         self.detector = model
         if hasattr(model, "head"):
-            model.head.register_forward_hook(_check_head_outputs)
+            model.head.register_forward_hook(self._head_guard)
         if dist_utils.is_distributed():
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.model: nn.Module = DistributedDataParallel(model, device_ids=device_ids)
         else:
             self.model = model
 
-        total_batch = cfg.data.batch_size * self.world_size
-        self.peak_lr = scaled_lr(cfg.train, total_batch)
+        self.total_batch_size = cfg.data.batch_size * self.world_size
+        self.peak_lr = scaled_lr(cfg.train, self.total_batch_size)
         self.optimizer = build_optimizer(self.detector, cfg.train, lr=self.peak_lr)
         full_epoch = iterations_per_epoch(self.train_dataset, cfg.data, world_size=self.world_size)
         limit = cfg.train.max_iters_per_epoch
@@ -234,6 +295,7 @@ class Trainer:
             world_size=self.world_size,
             output_dir=self.output_dir,
             checkpoint_dir=self.checkpoint_dir,
+            primary_metric=self.evaluator.primary_metric,
         )
         self._built = True
 
@@ -244,51 +306,81 @@ class Trainer:
     def fit(self, resume_from: str | Path | None = None) -> dict[str, float]:
         """Train to the end of the schedule (or until a callback sets ``state.should_stop``).
 
+        ``on_train_end`` is always called once ``on_train_start`` has been, with
+        ``state.status`` ``"finished"``, ``"stopped"`` or ``"failed"`` (then ``state.error``
+        holds the exception's message, and the exception propagates; an error in
+        ``on_train_end`` itself is logged and does not hide it).
+
         Args:
-            resume_from: a checkpoint to continue from exactly (weights, optimizer, schedule
-                position, data order, RNG states).
+            resume_from: a checkpoint directory (holding ``checkpoint.pt``) or file to
+                continue from: weights, optimizer, schedule position, data order, RNG
+                states. Written at another world size, it continues as
+                :mod:`autoassign.engine.resume` describes.
 
         Returns:
             The final evaluation's metrics; ``{}`` when stopped early by a callback.
 
         Raises:
-            NonFiniteLossError: a loss became NaN/inf (``train.on_nonfinite_loss: error``).
+            NonFiniteLossError: a loss became NaN/inf (``train.on_nonfinite_loss: error``),
+                on every rank.
+            CheckpointError: ``resume_from`` cannot be continued here.
         """
         self.setup()
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         state = self.state
+        state.status, state.error, state.should_stop = RUNNING, None, False
         if self.is_main:
             write_resolved_config(self.config, self.output_dir / "config.yaml")
-        self.callbacks.on_train_start(state)
+        try:
+            self.callbacks.on_train_start(state)
+            self.model.train()
+            metrics = self._run_epochs()
+        except BaseException as error:
+            state.status, state.error = FAILED, str(error) or type(error).__name__
+            self._end_after_failure()
+            raise
+        self.callbacks.on_train_end(state, metrics)
+        return metrics
 
-        self.model.train()
+    def _run_epochs(self) -> dict[str, float]:
+        """The epochs left; sets ``state.status`` to finished or stopped."""
+        state = self.state
         metrics: dict[str, float] | None = None
         while state.epoch < self.max_epochs:
-            stopped = self._train_epoch()
-            if stopped:
-                path = self.save_checkpoint(self.checkpoint_dir / "last.pt")
-                self.callbacks.on_checkpoint(state, path)
+            if self._train_epoch():  # a callback asked to stop mid-epoch
+                self._checkpoint(iteration_checkpoint_dir(self.checkpoint_dir, state.iteration))
+                state.status = STOPPED
                 return {}
             metrics = self._end_epoch()
             if state.should_stop and state.epoch < self.max_epochs:
+                state.status = STOPPED
                 return {}
-
         if metrics is None:  # resumed from a checkpoint written after the last epoch
             metrics = self.evaluate()
         self._write_final_outputs(metrics)
-        self.callbacks.on_train_end(state, metrics)
+        state.status = FINISHED
         return metrics
+
+    def _end_after_failure(self) -> None:
+        """Tell every callback that the run failed; their own errors are only logged."""
+        for callback in self.callbacks.callbacks:
+            try:
+                callback.on_train_end(self.state, {})
+            except Exception:
+                logger.exception("%s.on_train_end failed", type(callback).__name__)
 
     def _train_epoch(self) -> bool:
         """Run the rest of the current epoch; True when a callback asked to stop."""
         state = self.state
+        self._epoch_losses = _EpochLossMeans()
         if state.batch_in_epoch >= self.iters_per_epoch:
             return False
         self.train_loader.batch_sampler.set_epoch(state.epoch, start_batch=state.batch_in_epoch)
         for batch in self.train_loader:
             state.lr = self.schedule.apply(self.optimizer, state.iteration)
             losses = self._train_step(batch)
+            self._epoch_losses.add(losses)
             state.iteration += 1
             state.batch_in_epoch += 1
             self.callbacks.on_step(state, losses)
@@ -299,30 +391,32 @@ class Trainer:
         return False
 
     def _end_epoch(self) -> dict[str, float]:
-        """Evaluate and checkpoint as due; returns the evaluation metrics (or ``{}``)."""
+        """Evaluate and checkpoint as due, call ``on_epoch_end``, move to the next epoch;
+        returns the evaluation metrics (or ``{}``)."""
         state = self.state
-        finished_epoch = state.epoch
-        is_last = finished_epoch + 1 == self.max_epochs
+        completed = state.epoch + 1
+        is_last = completed == self.max_epochs
         every = self.config.eval.every_epochs
         metrics: dict[str, float] = {}
-        if is_last or (every > 0 and (finished_epoch + 1) % every == 0):
+        if is_last or (every > 0 and completed % every == 0):
             metrics = self.evaluate()
-        # The state a resume continues from: the next epoch, from its first batch.
-        state.epoch, state.batch_in_epoch = finished_epoch + 1, 0
-        every_ckpt = self.config.train.checkpoint_every_epochs
-        if is_last or state.should_stop or (finished_epoch + 1) % every_ckpt == 0:
-            path = self.save_checkpoint(self.checkpoint_dir / f"epoch_{finished_epoch + 1}.pt")
-            self._copy_as_last(path)
-            self.callbacks.on_checkpoint(state, path)
-        state.epoch = finished_epoch
+        state.epochs_completed = completed
+        state.epoch_losses = self._epoch_losses.means()
+        every_checkpoint = self.config.train.checkpoint_every_epochs
+        if is_last or state.should_stop or completed % every_checkpoint == 0:
+            self._checkpoint(epoch_checkpoint_dir(self.checkpoint_dir, completed))
         self.callbacks.on_epoch_end(state, metrics)
-        state.epoch = finished_epoch + 1
+        state.epoch, state.batch_in_epoch = completed, 0
         return metrics
 
     def _train_step(self, batch: Any) -> dict[str, float]:
         """One optimizer step; returns the losses averaged across ranks (and the gradient
-        norm), as floats. A non-finite loss or gradient raises or skips the step, as
-        ``train.on_nonfinite_loss`` says."""
+        norm), as floats.
+
+        Every rank reports whether its step is finite in one all-reduce, before backward; if
+        any is not, every rank raises or skips (no backward, no optimizer step), as
+        ``train.on_nonfinite_loss`` says, so DDP's collectives stay in step.
+        """
         images = batch.images.to(self.device, non_blocking=True)
         if self.use_cuda_features and self.config.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -333,51 +427,23 @@ class Trainer:
             }
             for target in batch.targets
         ]
-        try:
-            with self._autocast():
-                loss_dict = self.model(images, targets, image_sizes=batch.image_sizes)
-        except _NonFiniteHeadOutput:
-            losses = {name: math.nan for name in ("loss", *LOSS_TERMS)}
-            if dist_utils.is_distributed():  # the other ranks may be past the forward pass
-                raise NonFiniteLossError(
-                    f"{self._where()}: non-finite head outputs on rank {self.rank}. "
-                    f"{self._advice()}",
-                    iteration=self.state.iteration + 1,
-                    losses=losses,
-                ) from None
-            self._nonfinite("loss (the head outputs hold NaN or inf)", losses)
-            return losses
-        except RuntimeError as error:
-            if self._parameters_finite():
-                raise
-            raise NonFiniteLossError(
-                f"{self._where()}: the model's parameters are no longer finite and the forward "
-                f"pass failed ({str(error).strip().splitlines()[0]}). {self._advice()}",
-                iteration=self.state.iteration + 1,
-                losses={},
-            ) from None
-        total = sum(loss_dict[name] for name in LOSS_TERMS)
-        values = torch.stack([total.detach()] + [loss_dict[n].detach() for n in LOSS_TERMS])
-        reduced = dist_utils.mean_across_ranks(values.float()).tolist()
-        losses = dict(zip(("loss", *LOSS_TERMS), reduced))
-
-        finite = all(math.isfinite(value) for value in reduced)
-        if not finite:
-            self._nonfinite("loss", losses)  # raises unless skipping
-        self.optimizer.zero_grad(set_to_none=True)
-        # Even a skipped step runs backward, so DDP's gradient reduction stays in step on all
-        # ranks; its gradients are then dropped.
-        self.grad_scaler.scale(total).backward()
-        if not finite:
+        total, values, forward_error = self._forward(images, targets, batch.image_sizes)
+        codes = dist_utils.max_per_rank(self._local_code(values, forward_error))
+        reduced = dist_utils.mean_across_ranks(values).tolist()
+        losses = dict(zip(LOSS_NAMES, reduced))
+        if bool(codes.any()):
             self.optimizer.zero_grad(set_to_none=True)
-            return losses
+            return self._nonfinite_losses(codes, losses, forward_error)  # raises unless skipping
 
+        self.optimizer.zero_grad(set_to_none=True)
+        self.grad_scaler.scale(total).backward()
         params = [p for p in self.detector.parameters() if p.grad is not None]
         if self.grad_scaler.is_enabled():
             self.grad_scaler.unscale_(self.optimizer)
         grad_norm = nn.utils.get_total_norm([p.grad for p in params])
         losses["grad_norm"] = float(grad_norm)
         # With fp16 an infinite gradient is routine: the scaler skips the step and backs off.
+        # The gradients are already averaged across ranks, so every rank decides alike.
         if not math.isfinite(losses["grad_norm"]) and not self.grad_scaler.is_enabled():
             self._nonfinite("gradient", losses)
             self.optimizer.zero_grad(set_to_none=True)
@@ -388,8 +454,59 @@ class Trainer:
         self.grad_scaler.update()
         return losses
 
+    def _forward(
+        self, images: torch.Tensor, targets: list[dict], image_sizes: Any
+    ) -> tuple[torch.Tensor | None, torch.Tensor, str | None]:
+        """The training forward pass: ``(total loss, [4] float32 loss values (total, then
+        LOSS_TERMS), None)``, or ``(None, [4] NaN, error line)`` when it failed on non-finite
+        values (the loss rejects NaN probabilities). Other errors propagate."""
+        self._head_guard.reset()
+        try:
+            with self._autocast():
+                loss_dict = self.model(images, targets, image_sizes=image_sizes)
+        except RuntimeError as error:
+            if not self._head_guard.tripped() and self._parameters_finite():
+                raise
+            failed = torch.full((len(LOSS_NAMES),), math.nan, device=self.device)
+            return None, failed, str(error).strip().splitlines()[0]
+        total = sum(loss_dict[name] for name in LOSS_TERMS)
+        values = torch.stack([total.detach()] + [loss_dict[n].detach() for n in LOSS_TERMS])
+        return total, values.float(), None
+
+    def _local_code(self, values: torch.Tensor, forward_error: str | None) -> torch.Tensor:
+        """This rank's verdict on its step, a 0-dim int64 tensor (no host sync): 0 finite,
+        1 non-finite loss, 2 non-finite head outputs (replaced by the hook), 3 forward pass
+        failed on non-finite values."""
+        if forward_error is not None:
+            return torch.tensor(_FORWARD_FAILED, device=self.device)
+        code = torch.where(torch.isfinite(values).all(), _FINITE, _NONFINITE_LOSS)
+        if self._head_guard.nonfinite is not None:
+            code = torch.where(self._head_guard.nonfinite, _NONFINITE_HEAD, code)
+        return code
+
+    def _nonfinite_losses(
+        self, codes: torch.Tensor, losses: dict[str, float], forward_error: str | None
+    ) -> dict[str, float]:
+        """Raise for (or count, when skipping) a step some rank found non-finite; ``codes``
+        holds each rank's :meth:`_local_code`. Returns the losses to report (NaN when they
+        were computed on replaced values)."""
+        per_rank = codes.tolist()
+        worst = max(per_rank)
+        ranks = _ranks([rank for rank, code in enumerate(per_rank) if code == worst])
+        if worst == _NONFINITE_LOSS:
+            what = f"loss on rank(s) {ranks}"
+        else:
+            losses = {name: math.nan for name in losses}
+            what = f"head outputs or parameters on rank(s) {ranks}, so no finite loss"
+            if forward_error is not None:
+                what += f"; the forward pass failed: {forward_error}"
+        self._nonfinite(what, losses)
+        return losses
+
     def _nonfinite(self, what: str, losses: dict[str, float]) -> None:
-        """Raise :class:`NonFiniteLossError`, or count a skipped step (``skip`` policy)."""
+        """Raise :class:`NonFiniteLossError`, or count a skipped step (``skip`` policy).
+
+        Every rank calls it for the same step (the verdict is agreed on first)."""
         if self.config.train.on_nonfinite_loss == "skip":
             self.state.skipped_steps += 1
             return
@@ -431,7 +548,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Run the val split through the detector and score it with the dataset's evaluator.
 
-        Every rank returns the same metrics.
+        Every rank returns the same metrics (rank 0 computes them).
         """
         self.setup()
         detector = self.detector
@@ -469,46 +586,72 @@ class Trainer:
     def checkpoint_state(self) -> dict[str, Any]:
         """Everything a resume needs (see :mod:`autoassign.engine.checkpoint`)."""
         state = self.state
+        epoch, batch_in_epoch = self._resume_point()
         return {
             "model": self.detector.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler.is_enabled() else None,
-            "epoch": state.epoch,
-            "batch_in_epoch": state.batch_in_epoch,
+            "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch,
             "iteration": state.iteration,
             "skipped_steps": state.skipped_steps,
+            "world_size": self.world_size,
+            "iters_per_epoch": self.iters_per_epoch,
+            "batch_size": self.config.data.batch_size,
+            "total_batch_size": self.total_batch_size,
+            "peak_lr": self.peak_lr,
+            "samples_seen": batch_in_epoch * self.total_batch_size,
             "rng": capture_rng_state(),
             "config": self.config.model_dump(mode="json"),
             "class_names": list(self.train_dataset.class_names),
             "extra": dict(state.extra),
         }
 
-    def save_checkpoint(self, path: str | Path) -> Path:
-        """Rank 0 writes the checkpoint atomically; every rank waits for it."""
-        path = Path(path)
-        if self.is_main:
-            save_checkpoint(self.checkpoint_state(), path)
-        dist_utils.barrier()
-        return path
+    def _resume_point(self) -> tuple[int, int]:
+        """``(epoch, batch_in_epoch)`` a resume continues from: the next epoch's start once
+        the current one is completed, else the current position."""
+        state = self.state
+        if state.epochs_completed > state.epoch:
+            return state.epochs_completed, 0
+        return state.epoch, state.batch_in_epoch
 
-    def _copy_as_last(self, path: Path) -> None:
-        """Make ``last.pt`` the same checkpoint as ``path``, atomically."""
+    def save_checkpoint(self, directory: str | Path, *, as_last: bool = True) -> Path:
+        """Rank 0 writes ``directory / "checkpoint.pt"`` atomically (and, with ``as_last``,
+        makes ``checkpoint_dir / "last"`` hold it too); every rank waits for it.
+
+        Returns:
+            ``directory``.
+        """
+        directory = Path(directory)
         if self.is_main:
-            last = path.parent / "last.pt"
-            tmp = path.parent / ".last.pt.tmp"
-            tmp.unlink(missing_ok=True)
-            try:
-                os.link(path, tmp)
-            except OSError:  # file systems without hard links
-                shutil.copyfile(path, tmp)
-            os.replace(tmp, last)
+            save_checkpoint_dir(self.checkpoint_state(), directory)
+            if as_last:
+                update_last(self.checkpoint_dir, directory)
         dist_utils.barrier()
+        return directory
+
+    def _checkpoint(self, directory: Path) -> None:
+        self.save_checkpoint(directory)
+        self.callbacks.on_checkpoint(self.state, directory)
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """Restore weights, optimizer, schedule position, RNG states and callback state."""
+        """Restore weights, optimizer, schedule position, RNG states and callback state.
+
+        ``path`` is a checkpoint directory or file. A checkpoint written at another world size
+        continues as :func:`autoassign.engine.resume.resume_position` says (a warning is
+        logged); one that cannot be continued raises :class:`CheckpointError`.
+        """
         self.setup()
+        path = resolve_checkpoint_path(path)
         checkpoint = load_checkpoint(path, map_location="cpu")
+        position = resume_position(
+            checkpoint,
+            world_size=self.world_size,
+            batch_size=self.config.data.batch_size,
+            iters_per_epoch=self.iters_per_epoch,
+            source=path,
+        )
         try:
             self.detector.load_state_dict(checkpoint["model"])
             if "optimizer" in checkpoint:
@@ -521,15 +664,33 @@ class Trainer:
             ) from None
         if checkpoint.get("grad_scaler") is not None and self.grad_scaler.is_enabled():
             self.grad_scaler.load_state_dict(checkpoint["grad_scaler"])
+        if position.remapped:
+            self._warn_remapped(path, checkpoint, position.iteration)
         state = self.state
-        state.epoch = int(checkpoint["epoch"])
-        state.batch_in_epoch = int(checkpoint.get("batch_in_epoch", 0))
-        state.iteration = int(checkpoint["iteration"])
+        state.epoch, state.batch_in_epoch = position.epoch, position.batch_in_epoch
+        state.epochs_completed = position.epoch
+        state.iteration = position.iteration
         state.skipped_steps = int(checkpoint.get("skipped_steps", 0))
         state.extra = dict(checkpoint.get("extra", {}))
         state.lr = self.schedule.lr(max(state.iteration - 1, 0))
         if "rng" in checkpoint:
             restore_rng_state(checkpoint["rng"])
+
+    def _warn_remapped(self, path: Path, checkpoint: dict, iteration: int) -> None:
+        if self.is_main:
+            logger.warning(
+                "%s: written on %s process(es) (%s iterations per epoch, peak lr %.4g); "
+                "continuing on %d process(es) at iteration %d (%d iterations per epoch, peak "
+                "lr %.4g by the linear scaling rule; warmup counts these iterations)",
+                path,
+                checkpoint.get("world_size"),
+                checkpoint.get("iters_per_epoch", "?"),
+                float(checkpoint.get("peak_lr", math.nan)),
+                self.world_size,
+                iteration,
+                self.iters_per_epoch,
+                self.peak_lr,
+            )
 
     # ----------------------------------------------------------------------------------------
     # Final outputs
@@ -545,3 +706,7 @@ class Trainer:
             json.dumps(json_safe(metrics), indent=2) + "\n", encoding="utf-8"
         )
         write_center_prior_report(self.detector, self.train_dataset.class_names, self.output_dir)
+
+
+def _ranks(ranks: list[int]) -> str:
+    return ", ".join(str(rank) for rank in ranks)

@@ -113,7 +113,7 @@ def test_missing_config_and_missing_resume_checkpoint(workdir):
         "autoassign.train", "tiny.yaml", "output_dir=runs/none", "--resume", cwd=workdir
     )
     message = assert_clean_error(result, 1)
-    assert "no checkpoint at runs/none/checkpoints/last.pt" in message
+    assert "no checkpoint at runs/none/checkpoints/last to" in message
 
 
 def test_dataset_problems_stop_training_with_the_scan_report(workdir, tmp_path):
@@ -143,7 +143,7 @@ def test_train_predict_eval_agree_and_resume(workdir):
 
     val_images = workdir / "data" / "coco" / "val"
     result = run_module(
-        "autoassign.predict", out / "checkpoints" / "last.pt", val_images,
+        "autoassign.predict", out / "checkpoints" / "last", val_images,
         "--root", val_images, "--out", "pred", "--score-threshold", "0", cwd=workdir,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -170,7 +170,7 @@ def test_train_predict_eval_agree_and_resume(workdir):
             assert cli_metrics[name] == pytest.approx(value, abs=1e-9), name
     assert engine_metrics["bbox_mAP_50"] > 0  # the comparison is not between two zeros
 
-    # --resume (default last.pt) with a longer schedule continues where training ended.
+    # --resume (default checkpoints/last) with a longer schedule continues where training ended.
     result = run_module(
         "autoassign.train", "tiny.yaml", "train.epochs=4", "train.milestones=[3]", "--resume",
         cwd=workdir,
@@ -178,7 +178,7 @@ def test_train_predict_eval_agree_and_resume(workdir):
     assert result.returncode == 0, result.stderr
     assert "starting at iteration 12" in result.stdout
     checkpoints = workdir / "runs" / "tiny" / "checkpoints"
-    assert (checkpoints / "epoch_4.pt").is_file()
+    assert (checkpoints / "epoch_0004" / "checkpoint.pt").is_file()
 
 
 def test_predict_rejects_a_bad_checkpoint(workdir, tmp_path):
@@ -210,8 +210,8 @@ def test_resume_flag_parsing():
 
     args = parse_args(["x.yaml", "train.lr=0.1", "--resume"])
     assert (args.resume, args.overrides) == (RESUME_LAST, ["train.lr=0.1"])
-    args = parse_args(["x.yaml", "--resume", "runs/a/epoch_3.pt", "seed=2"])
-    assert (args.resume, args.overrides) == ("runs/a/epoch_3.pt", ["seed=2"])
+    args = parse_args(["x.yaml", "--resume", "runs/a/epoch_0003", "seed=2"])
+    assert (args.resume, args.overrides) == ("runs/a/epoch_0003", ["seed=2"])
     # A bare --resume followed by an override: the override is not taken for a path.
     args = parse_args(["x.yaml", "--resume", "seed=2"])
     assert (args.resume, args.overrides) == (RESUME_LAST, ["seed=2"])

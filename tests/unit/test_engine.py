@@ -83,6 +83,7 @@ class Recorder(Callback):
         self.steps: list[tuple[int, float, dict[str, float]]] = []
         self.checkpoints: list[Path] = []
         self.epochs: list[tuple[int, dict]] = []
+        self.end: tuple[str, str | None] | None = None
 
     def on_train_start(self, state):
         # A callback's own state (e.g. a tracking run id) travels in the checkpoints.
@@ -99,6 +100,9 @@ class Recorder(Callback):
 
     def on_epoch_end(self, state, metrics):
         self.epochs.append((state.epoch, dict(metrics)))
+
+    def on_train_end(self, state, metrics):
+        self.end = (state.status, state.error)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -130,15 +134,12 @@ def test_short_training_lowers_the_loss_and_writes_its_outputs(dataset_root, tmp
     assert final["bbox_mAP"] == pytest.approx(metrics["bbox_mAP"])
     assert 0.0 <= final["bbox_mAP"] <= 1.0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
-        "epoch_1.pt",
-        "epoch_2.pt",
-        "epoch_3.pt",
-        "epoch_4.pt",
-        "epoch_5.pt",
-        "epoch_6.pt",
-        "last.pt",
+        *(f"epoch_{n:04d}" for n in range(1, 7)),
+        "last",
     ]
-    assert ExperimentConfig.model_validate(load_checkpoint(out / "checkpoints/last.pt")["config"])
+    assert [p.name for p in (out / "checkpoints" / "last").iterdir()] == ["checkpoint.pt"]
+    assert ExperimentConfig.model_validate(load_checkpoint(out / "checkpoints/last")["config"])
+    assert recorder.end == ("finished", None)
     priors = json.loads((out / "center_prior.json").read_text())
     assert [p["class"] for p in priors] == ["disc", "ring"]
     assert (out / "center_prior.png").read_bytes()[:4] == b"\x89PNG"
@@ -153,10 +154,13 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(dataset_root, t
 
     first = Recorder(stop_after=3)
     assert Trainer(tiny_config(dataset_root, tmp_path / "b"), callbacks=[first]).fit() == {}
-    last = tmp_path / "b" / "checkpoints" / "last.pt"
-    assert first.checkpoints == [last]
+    assert first.end == ("stopped", None)
+    checkpoints = tmp_path / "b" / "checkpoints"
+    assert first.checkpoints == [checkpoints / "iter_00000003"]  # directories
+    last = checkpoints / "last"
     saved = load_checkpoint(last)
     assert (saved["epoch"], saved["batch_in_epoch"], saved["iteration"]) == (0, 3, 3)
+    assert (saved["world_size"], saved["samples_seen"], saved["peak_lr"]) == (1, 6, 0.01)
 
     second = Recorder()
     resumed = Trainer(tiny_config(dataset_root, tmp_path / "b"), callbacks=[second])
@@ -237,21 +241,29 @@ def test_evaluation_every_epoch_and_callback_order(dataset_root, tmp_path):
             events.append("start")
 
         def on_checkpoint(self, state, path):
-            events.append(f"checkpoint {path.name}")
+            events.append(f"checkpoint {path.name} {state.epoch} {state.epochs_completed}")
+
+        def on_step(self, state, losses):
+            assert state.epochs_completed == state.epoch
 
         def on_epoch_end(self, state, metrics):
-            events.append(f"epoch {state.epoch} {'bbox_mAP' in metrics}")
+            events.append(f"epoch {state.epoch} {state.primary_metric in metrics}")
+            events.append(f"losses {sorted(state.epoch_losses)}")
+            assert all(math.isfinite(value) for value in state.epoch_losses.values())
 
         def on_train_end(self, state, metrics):
             events.append("end")
 
     Trainer(cfg, callbacks=[Order()], show_progress=False).fit()
+    losses = "losses ['loss', 'loss_center', 'loss_neg', 'loss_pos']"
     assert events == [
         "start",
-        "checkpoint epoch_1.pt",
+        "checkpoint epoch_0001 0 1",
         "epoch 0 True",
-        "checkpoint epoch_2.pt",
+        losses,
+        "checkpoint epoch_0002 1 2",
         "epoch 1 True",
+        losses,
         "end",
     ]
 
@@ -263,9 +275,9 @@ def test_checkpoint_round_trip_and_bad_files(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temp file left behind
     assert load_checkpoint(path)["iteration"] == 5
 
-    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+    with pytest.raises(CheckpointError, match="absent.pt: no such checkpoint file"):
         load_checkpoint(tmp_path / "absent.pt")
-    with pytest.raises(CheckpointError, match="not a file"):
+    with pytest.raises(CheckpointError, match="a directory without a checkpoint.pt"):
         load_checkpoint(tmp_path)
     text = tmp_path / "notes.pt"
     text.write_text("hello")
@@ -339,8 +351,9 @@ def test_resuming_with_a_different_model_is_a_clear_error(dataset_root, tmp_path
     Trainer(tiny_config(dataset_root, tmp_path / "a"), callbacks=[first]).fit()
     other = tiny_config(dataset_root, tmp_path / "b")
     other = other.model_copy(update={"model": other.model.model_copy(update={"fpn_channels": 64})})
-    with pytest.raises(CheckpointError, match="last.pt: does not fit the model of this config"):
-        Trainer(other, show_progress=False).fit(resume_from=tmp_path / "a/checkpoints/last.pt")
+    match = "last/checkpoint.pt: does not fit the model of this config"
+    with pytest.raises(CheckpointError, match=match):
+        Trainer(other, show_progress=False).fit(resume_from=tmp_path / "a/checkpoints/last")
 
 
 class FakeTerminal(io.StringIO):
@@ -393,4 +406,4 @@ def test_max_iters_per_epoch_cuts_epochs_short(dataset_root, tmp_path):
     Trainer(cfg, callbacks=[recorder], show_progress=False).fit()
     # One iteration per epoch, so the milestone after epoch 1 applies from iteration 2.
     assert [(s[0], s[1]) for s in recorder.steps] == [(1, 0.01), (2, pytest.approx(0.001))]
-    assert load_checkpoint(tmp_path / "run/checkpoints/last.pt")["iteration"] == 2
+    assert load_checkpoint(tmp_path / "run/checkpoints/last/checkpoint.pt")["iteration"] == 2
