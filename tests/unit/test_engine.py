@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -23,11 +24,24 @@ from autoassign.engine import (
     ProgressLogger,
     Trainer,
     TrainState,
+    WarmupStepSchedule,
     load_checkpoint,
+    resolve_checkpoint_path,
     save_checkpoint,
 )
-from autoassign.engine.checkpoint import capture_rng_state, restore_rng_state
-from autoassign.errors import CheckpointError, NonFiniteLossError
+from autoassign.engine.checkpoint import (
+    CHECKPOINT_FILE,
+    capture_rng_state,
+    epoch_checkpoint_dir,
+    iteration_checkpoint_dir,
+    restore_rng_state,
+    save_checkpoint_dir,
+    update_last,
+)
+from autoassign.engine.device import local_rank, resolve_device
+from autoassign.engine.resume import resume_position
+from autoassign.engine.trainer import resolve_device as trainer_resolve_device
+from autoassign.errors import CheckpointError, ConfigError, NonFiniteLossError
 
 
 @pytest.fixture(autouse=True)
@@ -323,16 +337,22 @@ def _data_parallel_worker(rank: int, init_file: str, root: str, out: str) -> Non
         dist.destroy_process_group()
 
 
-def test_data_parallel_ranks_stay_in_step_and_only_rank_0_writes(dataset_root, tmp_path):
+def run_two_ranks(worker, *args, timeout: float = 300) -> None:
+    """Run ``worker(rank, *args)`` in two spawned processes; fail if they hang."""
     import torch.multiprocessing as mp
 
+    context = mp.start_processes(worker, args=args, nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the two ranks did not finish within {timeout} s")
+
+
+def test_data_parallel_ranks_stay_in_step_and_only_rank_0_writes(dataset_root, tmp_path):
     out = tmp_path / "run"
-    mp.spawn(
-        _data_parallel_worker,
-        args=(str(tmp_path / "init"), str(dataset_root), str(out)),
-        nprocs=2,
-        join=True,
-    )
+    run_two_ranks(_data_parallel_worker, str(tmp_path / "init"), str(dataset_root), str(out))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     # 8 images / (2 per batch x 2 ranks) = 2 iterations; lr scaled to the total batch of 4.
     assert [s[0] for s in ranks[0]["steps"]] == [1, 2]
@@ -407,3 +427,222 @@ def test_max_iters_per_epoch_cuts_epochs_short(dataset_root, tmp_path):
     # One iteration per epoch, so the milestone after epoch 1 applies from iteration 2.
     assert [(s[0], s[1]) for s in recorder.steps] == [(1, 0.01), (2, pytest.approx(0.001))]
     assert load_checkpoint(tmp_path / "run/checkpoints/last/checkpoint.pt")["iteration"] == 2
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint directories, resume at another world size
+# --------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_paths_resolve_from_directories_and_files(tmp_path):
+    state = {"model": {}, "config": {}, "epoch": 1, "iteration": 4}
+    first = save_checkpoint_dir(state, epoch_checkpoint_dir(tmp_path, 1))
+    assert first == tmp_path / "epoch_0001"
+    assert resolve_checkpoint_path(first) == first / CHECKPOINT_FILE
+    assert resolve_checkpoint_path(first / CHECKPOINT_FILE) == first / CHECKPOINT_FILE
+    with pytest.raises(CheckpointError, match="absent: no such checkpoint file or directory"):
+        resolve_checkpoint_path(tmp_path / "absent")
+
+    update_last(tmp_path, first)
+    second = save_checkpoint_dir({**state, "iteration": 7}, iteration_checkpoint_dir(tmp_path, 7))
+    assert second.name == "iter_00000007"
+    update_last(tmp_path, second)  # replaces the old last/
+    assert load_checkpoint(tmp_path / "last")["iteration"] == 7
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_0001", "iter_00000007", "last"]
+
+
+def test_the_sampler_order_of_an_epoch_does_not_depend_on_the_world_size():
+    """What makes a mid-epoch resume at another world size sound (engine/resume.py)."""
+    from autoassign.data.samplers import GroupedDistributedBatchSampler
+
+    def plans(world_size):
+        return [
+            GroupedDistributedBatchSampler(
+                [list(range(16))], 2, seed=3, flip_prob=0.5, rank=rank, world_size=world_size
+            ).epoch_plan(epoch=1)
+            for rank in range(world_size)
+        ]
+
+    (alone,), (rank0, rank1) = plans(1), plans(2)
+    # Step k on 2 ranks takes the batches 2k and 2k + 1 of the one-process order.
+    assert [rank0[k] for k in range(4)] == alone[0::2]
+    assert [rank1[k] for k in range(4)] == alone[1::2]
+
+
+def test_a_mid_epoch_checkpoint_that_does_not_split_evenly_is_refused():
+    written = {"epoch": 1, "batch_in_epoch": 1, "iteration": 5, "world_size": 1}
+    written |= {"batch_size": 2, "samples_seen": 2}
+    same = resume_position(written, world_size=1, batch_size=2, iters_per_epoch=4)
+    assert (same.epoch, same.batch_in_epoch, same.iteration, same.remapped) == (1, 1, 5, False)
+    at_boundary = {**written, "batch_in_epoch": 0, "iteration": 4, "samples_seen": 0}
+    moved = resume_position(at_boundary, world_size=2, batch_size=2, iters_per_epoch=2)
+    assert (moved.epoch, moved.batch_in_epoch, moved.iteration, moved.remapped) == (1, 0, 2, True)
+    message = (
+        r"ckpt: written at world size 1 in the middle of epoch 2 at sample 2; it cannot be "
+        r"continued on 2 process\(es\) .*Resume from an epoch checkpoint"
+    )
+    with pytest.raises(CheckpointError, match=message):
+        resume_position(written, world_size=2, batch_size=2, iters_per_epoch=2, source="ckpt")
+
+
+def _two_process_checkpoints_worker(rank: int, init_file: str, root: str, out: str) -> None:
+    """2 epochs x 2 iterations on two ranks, stopped after iteration 3 (mid-epoch 2)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        cfg = tiny_config(Path(root), Path(out), warmup_iters=6)
+        Trainer(cfg, callbacks=[Recorder(stop_after=3)], show_progress=False).fit()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_resume_on_one_process_from_a_two_process_run(dataset_root, tmp_path):
+    out = tmp_path / "two"
+    run_two_ranks(
+        _two_process_checkpoints_worker, str(tmp_path / "init"), str(dataset_root), str(out)
+    )
+    epoch_1 = out / "checkpoints" / "epoch_0001"
+    saved = load_checkpoint(epoch_1)
+    assert (saved["world_size"], saved["iters_per_epoch"], saved["peak_lr"]) == (2, 2, 0.02)
+    assert (saved["epoch"], saved["iteration"], saved["total_batch_size"]) == (1, 2, 4)
+
+    # At an epoch boundary: epoch 2 of the one-process schedule (4 iterations per epoch,
+    # warmup counted in its iterations, peak lr 0.01 for the total batch of 2).
+    cfg = tiny_config(dataset_root, tmp_path / "one", warmup_iters=6)
+    recorder = Recorder()
+    trainer = Trainer(cfg, callbacks=[recorder], show_progress=False)
+    trainer.fit(resume_from=epoch_1)
+    schedule = WarmupStepSchedule.from_config(cfg.train, base_lr=0.01, iters_per_epoch=4)
+    assert [s[0] for s in recorder.steps] == [5, 6, 7, 8]
+    assert [s[1] for s in recorder.steps] == [schedule.lr(i) for i in range(4, 8)]
+    assert recorder.steps[0][1] == pytest.approx(0.01 * 0.1 * (0.001 + 0.999 * 4 / 6))
+    assert (trainer.state.epoch, trainer.state.epochs_completed) == (2, 2)
+    assert recorder.end == ("finished", None)
+
+    # Mid-epoch: 1 step of 2 ranks x 2 images = 4 images = 2 steps of one process.
+    stopped = out / "checkpoints" / "iter_00000003"
+    assert load_checkpoint(stopped)["samples_seen"] == 4
+    recorder = Recorder()
+    trainer = Trainer(tiny_config(dataset_root, tmp_path / "mid", warmup_iters=6),
+                      callbacks=[recorder], show_progress=False)  # fmt: skip
+    trainer.fit(resume_from=stopped / CHECKPOINT_FILE)
+    assert [s[0] for s in recorder.steps] == [7, 8]  # epoch 2, batches 3 and 4
+    assert recorder.end == ("finished", None)
+
+
+# --------------------------------------------------------------------------------------------
+# Non-finite steps under DDP, on_train_end, devices, the dataset scan record
+# --------------------------------------------------------------------------------------------
+
+
+def _nonfinite_worker(rank: int, init_file: str, root: str, out: str) -> None:
+    """Rank 0 alone gets a NaN weight after step 1: error mode, then skip mode."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    result: dict = {}
+    try:
+        torch.set_num_threads(1)
+        cfg = tiny_config(Path(root), Path(out) / "error", epochs=1, milestones=[1])
+        trainer = Trainer(cfg, show_progress=False)
+        trainer.setup()
+        if rank == 0:
+            trainer.callbacks.callbacks.append(PoisonWeight(trainer, at=1, restore=False))
+        started = time.monotonic()
+        try:
+            trainer.fit()
+        except NonFiniteLossError as error:
+            result["error"] = (error.iteration, str(error), time.monotonic() - started)
+
+        cfg = tiny_config(Path(root), Path(out) / "skip", on_nonfinite_loss="skip")
+        trainer = Trainer(cfg, show_progress=False)
+        trainer.setup()
+        if rank == 0:
+            trainer.callbacks.callbacks.append(PoisonWeight(trainer, at=1, restore=True))
+        trainer.fit()
+        result["skipped"] = trainer.state.skipped_steps
+        result["weights"] = {k: v.clone() for k, v in trainer.detector.state_dict().items()}
+    finally:
+        torch.save(result, Path(out).parent / f"nonfinite{rank}.pt")
+        dist.destroy_process_group()
+
+
+def test_nonfinite_on_one_rank_raises_or_skips_on_every_rank(dataset_root, tmp_path):
+    out = tmp_path / "run"
+    run_two_ranks(_nonfinite_worker, str(tmp_path / "init"), str(dataset_root), str(out))
+    ranks = [torch.load(tmp_path / f"nonfinite{r}.pt", weights_only=False) for r in (0, 1)]
+    for result in ranks:
+        iteration, message, seconds = result["error"]
+        assert iteration == 2 and message.startswith("iteration 2 (epoch 1, batch 2 ")
+        assert "non-finite head outputs or parameters on rank(s) 0" in message
+        assert seconds < 60  # nobody waited for a rank that had given up
+        assert result["skipped"] == 1
+    for name, value in ranks[0]["weights"].items():
+        assert torch.isfinite(value).all(), name
+        torch.testing.assert_close(ranks[1]["weights"][name], value, msg=name)
+
+
+class Raising(Callback):
+    def on_step(self, state, losses):
+        raise RuntimeError("callback broke at step 1")
+
+
+class RaisingAtEnd(Callback):
+    def on_train_end(self, state, metrics):
+        raise ValueError("on_train_end broke too")
+
+
+def test_on_train_end_is_called_when_a_run_fails(dataset_root, tmp_path):
+    recorder = Recorder()
+    cfg = tiny_config(dataset_root, tmp_path / "run", max_iters_per_epoch=1)
+    trainer = Trainer(cfg, callbacks=[recorder, RaisingAtEnd(), Raising()], show_progress=False)
+    with pytest.raises(RuntimeError, match="callback broke at step 1"):  # not masked
+        trainer.fit()
+    assert recorder.end == ("failed", "callback broke at step 1")
+
+
+def test_resolve_device_on_the_cpu(monkeypatch):
+    # Only the CPU branch runs here: this machine has no CUDA. With CUDA, "auto" and "cuda"
+    # give cuda:$LOCAL_RANK and make it the current device.
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert local_rank() == 1
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+    assert trainer_resolve_device is resolve_device  # the old import still works
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            resolve_device("cuda")
+    monkeypatch.setenv("LOCAL_RANK", "one")
+    with pytest.raises(ConfigError, match="LOCAL_RANK='one' is not an integer"):
+        local_rank()
+
+
+def test_the_dataset_scan_is_reused_until_the_dataset_changes(tmp_path, monkeypatch):
+    from autoassign.data import validate
+
+    root = tmp_path / "coco"
+    write_synthetic(
+        "coco", root, num_images={"train": 4, "val": 2}, num_classes=2, image_size=96, seed=2
+    )
+    calls = []
+    real_scan = validate.scan_dataset
+
+    def spy(cfg, split):
+        calls.append(split)
+        return real_scan(cfg, split)
+
+    monkeypatch.setattr(validate, "scan_dataset", spy)
+    cfg = tiny_config(root, tmp_path / "run")
+    Trainer(cfg, show_progress=False).setup()  # what fit runs first
+    record = json.loads((tmp_path / "run" / "dataset_scan.json").read_text())
+    assert (record["format"], record["split"], len(calls)) == ("coco", "train", 1)
+    Trainer(cfg, show_progress=False).setup()
+    assert len(calls) == 1  # reused
+
+    annotations = root / "annotations" / "instances_train.json"
+    annotations.write_text(annotations.read_text() + "\n")
+    Trainer(cfg, show_progress=False).setup()
+    assert len(calls) == 2
