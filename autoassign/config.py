@@ -65,6 +65,14 @@ class CenterPriorConfig(_Strict):
     """Reference default 0 (off). With k > 0, a box with no inside point gets its k
     highest-prior points (over all levels) marked inside; the reference uses k=9 when on."""
 
+    @field_validator("mean_init", "sigma_init", mode="before")
+    @classmethod
+    def _one_number_for_both_axes(cls, value: object) -> object:
+        """``sigma_init: 1.5`` means ``(1.5, 1.5)`` (what a one-dimensional sweep samples)."""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return (value, value)
+        return value
+
     @field_validator("sigma_init")
     @classmethod
     def _positive_sigma(cls, value: tuple[float, float]) -> tuple[float, float]:

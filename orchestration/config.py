@@ -1,0 +1,421 @@
+"""The sweep configuration: an experiment, the datasets it runs on, what to search, and where.
+
+    sweep = load_sweep_config("configs/demo.yaml", ["search.num_samples=2"])
+
+A sweep file is exactly :class:`SweepConfig` (pydantic, unknown keys are errors)::
+
+    name: demo                       # names the output folder, the storage folder, the experiment
+    base: {...}                      # an autoassign ExperimentConfig, shared by every trial
+    datasets:                        # one Tune scheduler per dataset (they report other metrics)
+      - {name: coco, format: coco, root: ${DATA}/coco, num_classes: 80, ...}
+    search_space:                    # dot paths into ExperimentConfig -> one distribution each
+      train.schedule: {grid: [1x, 13e]}
+      model.center_prior.sigma_init: {uniform: [0.5, 2.0]}
+    search: {algorithm: grid, num_samples: 1, scheduler: {type: asha}}
+    resources: {workers_per_trial: 1, cpus_per_worker: 1, gpus_per_worker: 0}
+    tracking: {uri: null, experiment: null}
+    storage: {path: null, endpoint_url: null}
+    ray: {address: null}
+
+Every mistake is found here, before Ray starts: a search key that names no field, a sampled
+value the experiment schema would reject, a dataset folder that does not exist. Errors are
+:class:`~autoassign.errors.ConfigError` naming the file and the field path (exit status 2).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from autoassign.config import ExperimentConfig
+from autoassign.config_loading import (
+    apply_overrides,
+    check_field_path,
+    format_validation_error,
+    parse_override,
+    read_yaml_mapping,
+    validate_model,
+)
+from autoassign.errors import ConfigError
+
+DEFAULT_RANKING_METRIC = {
+    "coco": "bbox_mAP",
+    "objects365": "bbox_mAP",
+    "voc": "mAP",
+    "widerface": "AP_hard",
+}
+"""The metric each protocol's trials are ranked (and early-stopped) on."""
+
+KNOWN_METRICS = {
+    "coco": ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l"),
+    "objects365": (
+        "bbox_mAP",
+        "bbox_mAP_50",
+        "bbox_mAP_75",
+        "bbox_mAP_s",
+        "bbox_mAP_m",
+        "bbox_mAP_l",
+    ),
+    "voc": ("mAP", "mAP_11pt", "mAP_area"),
+    "widerface": ("AP_easy", "AP_medium", "AP_hard"),
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets
+# --------------------------------------------------------------------------------------------
+
+
+class SyntheticConfig(_Strict):
+    """The embedded dataset written at ``root`` when it is missing (in the real format)."""
+
+    images: int = Field(160, gt=0)
+    """Training images; the val split gets a quarter (at least 4)."""
+    image_size: int = Field(320, ge=64)
+    num_classes: int | None = Field(None, gt=0)
+    """Classes drawn (default 6; WiderFace 1; VOC keeps its 20 names)."""
+    seed: int = 0
+
+
+class DatasetConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    format: Literal["coco", "voc", "objects365", "widerface"]
+    root: Path
+    """The dataset folder; ``$VAR`` and ``${VAR}`` are expanded, ``~`` too."""
+    train_split: str = "train"
+    val_split: str = "val"
+    num_classes: int = Field(gt=0)
+    metric: str | None = None
+    """The metric that ranks this dataset's trials; default by format (see
+    :data:`DEFAULT_RANKING_METRIC`)."""
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    """Dot paths into ExperimentConfig, applied over ``base`` for this dataset only."""
+    synthetic: bool | SyntheticConfig = False
+    """``true`` (or a mapping of options): write the embedded set at ``root`` if missing."""
+
+    @field_validator("root", mode="before")
+    @classmethod
+    def _expand(cls, value: Any) -> Any:
+        if isinstance(value, (str, Path)):
+            return Path(os.path.expanduser(os.path.expandvars(str(value))))
+        return value
+
+    @model_validator(mode="after")
+    def _metric_of_protocol(self) -> DatasetConfig:
+        if self.metric is None:
+            self.metric = DEFAULT_RANKING_METRIC[self.format]
+        elif self.metric not in KNOWN_METRICS[self.format]:
+            known = ", ".join(KNOWN_METRICS[self.format])
+            raise ValueError(
+                f"metric {self.metric!r} is not reported by the {self.format} protocol "
+                f"(known: {known})"
+            )
+        return self
+
+    @property
+    def synthetic_options(self) -> SyntheticConfig | None:
+        if self.synthetic is True:
+            return SyntheticConfig()
+        return self.synthetic or None
+
+    @property
+    def ranking_metric(self) -> str:
+        assert self.metric is not None
+        return self.metric
+
+
+# --------------------------------------------------------------------------------------------
+# Search
+# --------------------------------------------------------------------------------------------
+
+
+class Distribution(_Strict):
+    """Exactly one of the keys: how one field's values are searched."""
+
+    grid: list[Any] | None = None
+    """Every value, in every combination with the other grid keys."""
+    choice: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+    """Integers ``low <= x < high``."""
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Distribution:
+        given = [name for name in type(self).model_fields if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of grid, choice, uniform, loguniform, randint"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        kind = given[0]
+        value = getattr(self, kind)
+        if kind in ("grid", "choice") and not value:
+            raise ValueError(f"{kind} needs at least one value")
+        if kind in ("uniform", "loguniform", "randint") and not value[0] < value[1]:
+            raise ValueError(f"{kind}: low must be below high, got {list(value)}")
+        if kind == "loguniform" and value[0] <= 0:
+            raise ValueError("loguniform: both bounds must be > 0")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in type(self).model_fields if getattr(self, name) is not None)
+
+    @property
+    def argument(self) -> Any:
+        return getattr(self, self.kind)
+
+    def representative_values(self) -> list[Any]:
+        """Values that stand for every value it can produce (checked against the schema)."""
+        value = self.argument
+        if self.kind in ("grid", "choice"):
+            return list(value)
+        if self.kind == "randint":
+            return [value[0], value[1] - 1]
+        return [value[0], (value[0] + value[1]) / 2, value[1]]
+
+
+class SchedulerConfig(_Strict):
+    """Early stopping, applied among the trials of one dataset only."""
+
+    type: Literal["fifo", "asha"] = "fifo"
+    grace_period: int = Field(1, gt=0)
+    """ASHA: epochs every trial runs before it can be stopped."""
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class SearchConfig(_Strict):
+    algorithm: Literal["grid", "random"] = "grid"
+    """``grid``: every combination of ``grid`` keys, other keys sampled ``num_samples``
+    times; ``random``: ``num_samples`` draws per dataset (``grid`` keys still expand)."""
+    num_samples: int = Field(1, gt=0)
+    scheduler: SchedulerConfig = SchedulerConfig()
+    max_concurrent_trials: int | None = Field(None, gt=0)
+    """Default: as many as the cluster's CPUs / GPUs can run at once (at least 1)."""
+    seed: int | None = 0
+    """Seed of the random sampling, so a sweep's trials are reproducible (None: random)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Resources, tracking, storage, Ray
+# --------------------------------------------------------------------------------------------
+
+
+class ResourcesConfig(_Strict):
+    workers_per_trial: int = Field(1, gt=0)
+    """Ray Train workers (data-parallel processes) per trial."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    """Fractions are allowed (several workers on one GPU)."""
+    max_failures: int = Field(2, ge=0)
+    """Times a trial's workers are restarted from their last checkpoint after a crash."""
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+
+class TrackingConfig(_Strict):
+    uri: str | None = None
+    """MLflow tracking URI (``http://host:5000``, ``sqlite:///...``); ``MLFLOW_TRACKING_URI``
+    is honoured; default a SQLite file in the sweep's output folder."""
+    experiment: str | None = None
+    """Default: the sweep's name."""
+    ui_url: str | None = None
+    """Where users open the MLflow UI (default: the tracking URI when it is http)."""
+
+
+class StorageConfig(_Strict):
+    path: str | None = None
+    """Checkpoints and Ray's state: a local folder or ``s3://bucket/prefix``; default
+    ``<output_dir>/ray``."""
+    endpoint_url: str | None = None
+    """An S3-compatible endpoint (MinIO); ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` are
+    honoured. Credentials and region come from the standard AWS environment and config."""
+    num_to_keep: int = Field(2, gt=0)
+    """Checkpoints kept per trial (the best by the ranking metric and the latest)."""
+
+    @property
+    def is_s3(self) -> bool:
+        return self.path is not None and self.path.startswith("s3://")
+
+
+class RayConfig(_Strict):
+    address: str | None = None
+    """A running cluster (``ray://host:10001``, ``auto``); ``RAY_ADDRESS`` is honoured;
+    default a local Ray started for the sweep."""
+
+
+class SweepConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    base: ExperimentConfig = ExperimentConfig()
+    datasets: list[DatasetConfig] = Field(min_length=1)
+    search_space: dict[str, Distribution] = Field(default_factory=dict)
+    search: SearchConfig = SearchConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    storage: StorageConfig = StorageConfig()
+    ray: RayConfig = RayConfig()
+    output_dir: Path | None = None
+    """Local folder for the manifest, leaderboard and default stores; default
+    ``runs/<name>``."""
+
+    @field_validator("datasets")
+    @classmethod
+    def _unique_names(cls, datasets: list[DatasetConfig]) -> list[DatasetConfig]:
+        names = [d.name for d in datasets]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"dataset names must be unique; repeated: {', '.join(duplicates)}")
+        return datasets
+
+    @property
+    def resolved_output_dir(self) -> Path:
+        return self.output_dir if self.output_dir is not None else Path("runs") / self.name
+
+    def dataset(self, name: str) -> DatasetConfig:
+        return next(d for d in self.datasets if d.name == name)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and checking
+# --------------------------------------------------------------------------------------------
+
+_ENV_PATTERN = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
+
+
+def load_sweep_config(path: str | Path, overrides: Iterable[str] = ()) -> SweepConfig:
+    """Read and fully check a sweep file (see the module docstring).
+
+    Raises:
+        ConfigError: anything wrong, with the file and field path in the message.
+    """
+    path = Path(path)
+    data = read_yaml_mapping(path)
+    if not data:
+        raise ConfigError(f"{path}: the file is empty; a sweep needs at least name and datasets")
+    overrides = list(overrides)
+    for override in overrides:
+        key, _ = parse_override(override)
+        try:
+            check_field_path(SweepConfig, key)
+        except ConfigError as error:
+            raise ConfigError(f"{path}: override {override!r}: {error}") from None
+    data = apply_overrides(data, overrides)
+    sweep = validate_model(data, SweepConfig, source=str(path), overrides=overrides)
+    check_search_space(sweep, source=str(path))
+    for index, dataset in enumerate(sweep.datasets):
+        trial_experiment(sweep, dataset, {}, source=f"{path}: datasets.{index}")
+    return sweep
+
+
+def check_search_space(sweep: SweepConfig, *, source: str) -> None:
+    """Each key names an ExperimentConfig field, and each value it can take validates there."""
+    for key, distribution in sweep.search_space.items():
+        where = f"{source}: search_space.{key}"
+        try:
+            check_field_path(ExperimentConfig, key)
+        except ConfigError as error:
+            raise ConfigError(f"{where}: {error}") from None
+        if key.startswith("data.") or key in ("output_dir", "device"):
+            raise ConfigError(
+                f"{where}: the dataset, output folder and device are set by the sweep, "
+                "not searched (list datasets under datasets:)"
+            )
+        for dataset in sweep.datasets:
+            for value in distribution.representative_values():
+                trial_experiment(sweep, dataset, {key: value}, source=where, value_note=value)
+
+
+def trial_experiment(
+    sweep: SweepConfig,
+    dataset: DatasetConfig,
+    params: dict[str, Any],
+    *,
+    source: str = "sweep",
+    value_note: Any = None,
+    output_dir: Path | None = None,
+) -> ExperimentConfig:
+    """The ExperimentConfig of one trial: ``base``, then the dataset, then sampled ``params``.
+
+    Args:
+        params: dot path -> value, as the search space sampled them.
+    """
+    data = sweep.base.model_dump(mode="json", exclude_unset=False)
+    data["data"].update(
+        {
+            "format": dataset.format,
+            "root": str(dataset.root),
+            "train_split": dataset.train_split,
+            "val_split": dataset.val_split,
+            "synthesize_if_missing": False,
+        }
+    )
+    data["model"]["num_classes"] = dataset.num_classes
+    if output_dir is not None:
+        data["output_dir"] = str(output_dir)
+    assignments = [*dataset.overrides.items(), *params.items()]
+    for key, _ in dataset.overrides.items():
+        try:
+            check_field_path(ExperimentConfig, key)
+        except ConfigError as error:
+            raise ConfigError(f"{source}.overrides.{key}: {error}") from None
+    data = _set_paths(data, assignments)
+    try:
+        return ExperimentConfig.model_validate(data)
+    except Exception as error:  # pydantic.ValidationError
+        from pydantic import ValidationError
+
+        if not isinstance(error, ValidationError):
+            raise
+        detail = format_validation_error(error, source)
+        if value_note is not None:
+            detail += f" (for the value {value_note!r}, on dataset {dataset.name!r})"
+        raise ConfigError(detail) from None
+
+
+def _set_paths(data: dict[str, Any], assignments: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Set each ``a.b.c`` to its value (values are already parsed, unlike CLI overrides)."""
+    for key, value in assignments:
+        parts = key.split(".")
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def check_dataset_folders(sweep: SweepConfig, *, source: str) -> None:
+    """Every non-synthetic dataset's root exists (synthetic ones are written when missing)."""
+    for index, dataset in enumerate(sweep.datasets):
+        if dataset.synthetic_options is not None or dataset.root.is_dir():
+            continue
+        unset = unused_env_vars(str(dataset.root))
+        hint = (
+            f"set {' and '.join(unset)} to the folder holding it"
+            if unset
+            else "edit root in the file (or the environment variable it names)"
+        )
+        raise ConfigError(
+            f"{source}: datasets.{index}.root: the {dataset.name!r} dataset folder "
+            f"{dataset.root} does not exist; {hint}, or set synthetic: true to use the "
+            "embedded synthetic set"
+        )
+
+
+def unused_env_vars(text: str) -> list[str]:
+    """Names of ``$VAR`` references in ``text`` that are not set (for a helpful message)."""
+    return [name for name in _ENV_PATTERN.findall(text) if name not in os.environ]

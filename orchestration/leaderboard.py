@@ -1,0 +1,117 @@
+"""The best trial of each dataset, from Tune's results and the trials' MLflow runs.
+
+One row per dataset: the winning trial by the dataset's ranking metric (its last reported
+value), the protocol's other metrics, the searched parameters, the checkpoint URI and the
+MLflow run. A dataset all of whose trials failed gets a row with ``status: failed``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from orchestration.config import KNOWN_METRICS, SweepConfig
+from orchestration.tracking import TAG_SWEEP_ID, TAG_TRIAL_ID
+from orchestration.trial import DATASET_KEY, trial_label, trial_params
+
+
+def build_leaderboard(
+    sweep: SweepConfig, results: Any, *, tracker: Any, sweep_id: str
+) -> list[dict[str, Any]]:
+    by_dataset: dict[str, list[Any]] = {d.name: [] for d in sweep.datasets}
+    for result in results:
+        config = result.config or {}
+        if config.get(DATASET_KEY) in by_dataset:
+            by_dataset[config[DATASET_KEY]].append(result)
+    rows = []
+    for dataset in sweep.datasets:
+        trials = by_dataset[dataset.name]
+        metric = dataset.ranking_metric
+        usable = [r for r in trials if r.error is None and _finite((r.metrics or {}).get(metric))]
+        row: dict[str, Any] = {
+            "dataset": dataset.name,
+            "format": dataset.format,
+            "metric": metric,
+            "trials": len(trials),
+            "failed": sum(r.error is not None for r in trials),
+        }
+        if not usable:
+            rows.append({**row, "status": "failed"})
+            continue
+        best = max(usable, key=lambda r: r.metrics[metric])
+        params = trial_params(best.config)
+        trial_id = Path(best.path).name
+        runs = tracker.find_runs(**{TAG_SWEEP_ID: sweep_id, TAG_TRIAL_ID: trial_id})
+        run_id = runs[0].info.run_id if runs else None
+        checkpoint = best.checkpoint.path if best.checkpoint is not None else None
+        if checkpoint and sweep.storage.is_s3 and not checkpoint.startswith("s3://"):
+            checkpoint = f"s3://{checkpoint}"
+        row.update(
+            {
+                "status": "ok",
+                "trial_id": trial_id,
+                "trial": trial_label(dataset.name, params),
+                "value": float(best.metrics[metric]),
+                "metrics": {
+                    name: float(best.metrics[name])
+                    for name in KNOWN_METRICS[dataset.format]
+                    if _finite(best.metrics.get(name))
+                },
+                "epochs": int(best.metrics.get("epoch", 0)),
+                "params": params,
+                "run_id": run_id,
+                "run_url": _run_url(tracker, run_id),
+                "checkpoint": checkpoint,
+            }
+        )
+        rows.append(row)
+    return rows
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _run_url(tracker: Any, run_id: str | None) -> str | None:
+    table = tracker.runs_table_url(None)
+    if table is None or run_id is None:
+        return None
+    return f"{table}/{run_id}".replace("/runs/", "/runs/", 1)
+
+
+def format_leaderboard(rows: list[dict[str, Any]]) -> str:
+    """The leaderboard as a fixed-width table."""
+    header = ("dataset", "metric", "value", "best trial", "epochs", "trials", "failed", "run")
+    lines = [header]
+    for row in rows:
+        if row["status"] != "ok":
+            lines.append(
+                (
+                    row["dataset"],
+                    row["metric"],
+                    "-",
+                    "ALL FAILED",
+                    "-",
+                    str(row["trials"]),
+                    str(row["failed"]),
+                    "-",
+                )
+            )
+            continue
+        lines.append(
+            (
+                row["dataset"],
+                row["metric"],
+                f"{row['value']:.4f}",
+                row["trial"],
+                str(row["epochs"]),
+                str(row["trials"]),
+                str(row["failed"]),
+                row["run_id"] or "-",
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    return "leaderboard (best trial per dataset):\n" + "\n".join(text)

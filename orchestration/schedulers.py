@@ -1,0 +1,91 @@
+"""One Tune scheduler per dataset, inside one Tuner.
+
+The datasets of a sweep report different protocols (COCO AP, VOC mAP, WiderFace hard AP),
+whose values are not comparable: an early-stopping rule such as ASHA must only compare
+trials of the same dataset. :class:`PerDatasetScheduler` keeps an independent scheduler for
+each value of ``trial.config["dataset"]`` and hands every event to that dataset's one, so the
+whole sweep still runs as a single Tuner (one trial table, one resume, shared resources).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+
+from orchestration.config import SchedulerConfig
+
+
+def build_scheduler(config: SchedulerConfig, *, max_epochs: int) -> TrialScheduler:
+    """FIFO (no early stopping) or ASHA per dataset on the reported ``score``.
+
+    ``score`` is each trial's own dataset's ranking metric; ``epoch`` is the time axis.
+    """
+    if config.type == "fifo":
+        return FIFOScheduler()
+    return PerDatasetScheduler(
+        {
+            "time_attr": "epoch",
+            "max_t": max(max_epochs, config.grace_period),
+            "grace_period": config.grace_period,
+            "reduction_factor": config.reduction_factor,
+        }
+    )
+
+
+class PerDatasetScheduler(FIFOScheduler):
+    """ASHA among the trials of each dataset separately (see the module docstring).
+
+    Args:
+        asha_options: keyword arguments of every per-dataset ``ASHAScheduler``.
+    """
+
+    def __init__(self, asha_options: dict[str, Any]):
+        super().__init__()
+        self.asha_options = dict(asha_options)
+        self.by_dataset: dict[str, ASHAScheduler] = {}
+        self._metric: str | None = None
+        self._mode: str | None = None
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
+        self._metric = metric or self._metric
+        self._mode = mode or self._mode
+        for scheduler in self.by_dataset.values():
+            scheduler.set_search_properties(self._metric, self._mode, **spec)
+        return True
+
+    def scheduler_of(self, trial: Any) -> ASHAScheduler:
+        dataset = trial.config["dataset"]
+        if dataset not in self.by_dataset:
+            scheduler = ASHAScheduler(metric=self._metric, mode=self._mode, **self.asha_options)
+            self.by_dataset[dataset] = scheduler
+        return self.by_dataset[dataset]
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        self.scheduler_of(trial).on_trial_add(tune_controller, trial)
+
+    def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
+        self.scheduler_of(trial).on_trial_error(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        return self.scheduler_of(trial).on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+        scheduler = self.scheduler_of(trial)
+        if trial.trial_id in scheduler._trial_info:
+            scheduler.on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
+        scheduler = self.scheduler_of(trial)
+        if trial.trial_id in scheduler._trial_info:
+            scheduler.on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        lines = ["ASHA per dataset:"]
+        for name, scheduler in sorted(self.by_dataset.items()):
+            lines.append(f"  {name}: stopped {scheduler._num_stopped}")
+        return "\n".join(lines)
+
+    def stopped_count(self, dataset: str) -> int:
+        scheduler = self.by_dataset.get(dataset)
+        return scheduler._num_stopped if scheduler is not None else 0

@@ -1,0 +1,57 @@
+"""The sweep's search space as Ray Tune sees it, and the trial plan it gives.
+
+The Tune config of a trial is flat: ``{"dataset": "coco", "train.schedule": "13e",
+"model.center_prior.sigma_init": 1.37}``. The dataset is always a grid dimension, so every
+dataset gets the same search; ``grid`` keys expand into every combination, and the sampled
+keys (``choice``, ``uniform``, ``loguniform``, ``randint``) are drawn ``num_samples`` times per
+grid point.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from orchestration.config import Distribution, SweepConfig
+from orchestration.trial import DATASET_KEY
+
+
+def tune_domain(distribution: Distribution) -> Any:
+    """The ``ray.tune`` search domain of one distribution."""
+    from ray import tune
+
+    kind, value = distribution.kind, distribution.argument
+    if kind == "grid":
+        return tune.grid_search(list(value))
+    if kind == "choice":
+        return tune.choice(list(value))
+    if kind == "uniform":
+        return tune.uniform(*value)
+    if kind == "loguniform":
+        return tune.loguniform(*value)
+    return tune.randint(*value)
+
+
+def param_space(sweep: SweepConfig) -> dict[str, Any]:
+    from ray import tune
+
+    space: dict[str, Any] = {DATASET_KEY: tune.grid_search([d.name for d in sweep.datasets])}
+    for key, distribution in sweep.search_space.items():
+        space[key] = tune_domain(distribution)
+    return space
+
+
+def trials_per_dataset(sweep: SweepConfig) -> int:
+    """Grid points times ``num_samples``: how many trials each dataset gets."""
+    grid_points = math.prod(
+        len(d.argument) for d in sweep.search_space.values() if d.kind == "grid"
+    )
+    return grid_points * sweep.search.num_samples
+
+
+def describe_space(sweep: SweepConfig) -> dict[str, str]:
+    """Each searched key and its distribution, as text (for the plan and the parent run)."""
+    return {
+        key: f"{distribution.kind} {distribution.argument}"
+        for key, distribution in sweep.search_space.items()
+    }

@@ -1,0 +1,463 @@
+"""Run a sweep: ``python -m orchestration.sweep CONFIG [key=value ...] [--dry-run | --resume]``.
+
+1. The sweep file is read and checked (:mod:`orchestration.config`); datasets are looked at
+   with the library's fast scan; synthetic ones are written when missing. Nothing starts
+   before all of that passed.
+2. A parent MLflow run is opened; one Ray Tune ``Tuner`` runs every trial of every dataset,
+   with a scheduler per dataset (:mod:`orchestration.schedulers`); each trial is a Ray Train
+   ``TorchTrainer`` (:mod:`orchestration.trial`, :mod:`orchestration.worker`).
+3. At the end: a leaderboard (the best trial per dataset) on the terminal, in
+   ``<output_dir>/leaderboard.json`` and as an artifact of the parent run.
+
+``--resume`` finishes the sweep recorded in ``<output_dir>/manifest.json`` after its driver
+died: finished trials are kept (not rerun, no second MLflow run), unfinished and errored ones
+continue from their last checkpoint, and runs left RUNNING by the dead driver are closed.
+
+Exit status: 0 done; 1 every trial of some dataset failed, or bad data; 2 bad config or
+command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from autoassign.errors import AutoAssignError, ConfigError, run_cli
+from orchestration.config import SweepConfig, check_dataset_folders, load_sweep_config
+
+MANIFEST = "manifest.json"
+LEADERBOARD = "leaderboard.json"
+DRIVER_CPU = 0.01
+
+
+class SweepError(AutoAssignError):
+    """The sweep ran but did not give a usable result (every trial of a dataset failed)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m orchestration.sweep",
+        description="Sweep AutoAssign over datasets and hyperparameters on Ray.",
+    )
+    parser.add_argument("config", type=Path, help="sweep config (YAML)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key.path=value", help="e.g. search.num_samples=2"
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the config and datasets, print the trial plan, start nothing",
+    )
+    mode.add_argument(
+        "--resume",
+        action="store_true",
+        help="finish the sweep recorded in OUTPUT_DIR/manifest.json (after a dead driver)",
+    )
+    return parser.parse_intermixed_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_cli(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> None:
+    sweep = load_sweep_config(args.config, args.overrides)
+    check_dataset_folders(sweep, source=str(args.config))
+    from orchestration import datasets
+
+    if args.dry_run:
+        scans = datasets.scan_all(sweep, write_synthetic=False)
+        print(format_plan(sweep, scans, resolve_locations(sweep)))
+        return
+    manifest = read_manifest(sweep) if args.resume else None
+    datasets.scan_all(sweep, write_synthetic=True)
+    leaderboard = run_sweep(sweep, config_path=args.config, manifest=manifest)
+    failed = [row["dataset"] for row in leaderboard if row["status"] == "failed"]
+    if failed:
+        raise SweepError(f"every trial failed for dataset(s): {', '.join(failed)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Where things go
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Locations:
+    output_dir: Path
+    tracking_uri: str
+    experiment: str
+    storage_root: str
+    storage_endpoint: str | None
+    ray_address: str | None
+
+
+def resolve_locations(sweep: SweepConfig) -> Locations:
+    """Defaults that run anywhere: SQLite MLflow, local folders, a local Ray."""
+    from orchestration.storage import s3_endpoint
+
+    output_dir = sweep.resolved_output_dir.resolve()
+    tracking_uri = (
+        sweep.tracking.uri
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or f"sqlite:///{output_dir / 'mlflow.db'}"
+    )
+    storage_root = sweep.storage.path or str(output_dir / "ray")
+    return Locations(
+        output_dir=output_dir,
+        tracking_uri=tracking_uri,
+        experiment=sweep.tracking.experiment or sweep.name,
+        storage_root=storage_root.rstrip("/"),
+        storage_endpoint=s3_endpoint(sweep.storage.endpoint_url),
+        ray_address=sweep.ray.address or os.environ.get("RAY_ADDRESS"),
+    )
+
+
+def format_plan(sweep: SweepConfig, scans: dict[str, str], where: Locations) -> str:
+    from orchestration.search import describe_space, trials_per_dataset
+    from orchestration.tracking import redact
+
+    per_dataset = trials_per_dataset(sweep)
+    res = sweep.resources
+    lines = [f"sweep {sweep.name}: {per_dataset * len(sweep.datasets)} trials", "datasets:"]
+    for dataset in sweep.datasets:
+        lines.append(
+            f"  {dataset.name} ({dataset.format}, ranked by {dataset.ranking_metric}): "
+            f"{per_dataset} trials; {scans[dataset.name]}"
+        )
+    lines.append("search space:" if sweep.search_space else "search space: (none)")
+    for key, text in describe_space(sweep).items():
+        lines.append(f"  {key}: {text}")
+    lines += [
+        f"search: {sweep.search.algorithm}, {sweep.search.num_samples} sample(s) per grid "
+        f"point, scheduler {sweep.search.scheduler.type}",
+        f"resources per trial: {res.workers_per_trial} worker(s) x ({res.cpus_per_worker:g} CPU"
+        f", {res.gpus_per_worker:g} GPU)",
+        f"max concurrent trials: {sweep.search.max_concurrent_trials or 'from the cluster'}",
+        f"storage: {redact(where.storage_root)}"
+        + (f" (endpoint {where.storage_endpoint})" if where.storage_endpoint else ""),
+        f"tracking: {redact(where.tracking_uri)} (experiment {where.experiment!r})",
+        f"ray: {where.ray_address or 'a local Ray started for the sweep'}",
+        f"output: {where.output_dir}",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Manifest
+# --------------------------------------------------------------------------------------------
+
+
+def manifest_path(sweep: SweepConfig) -> Path:
+    return sweep.resolved_output_dir / MANIFEST
+
+
+def read_manifest(sweep: SweepConfig) -> dict[str, Any]:
+    path = manifest_path(sweep)
+    if not path.is_file():
+        raise ConfigError(
+            f"--resume: no sweep to resume: {path} does not exist (run the sweep without "
+            "--resume first)"
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"--resume: {path} is not a sweep manifest ({error})") from None
+    if manifest.get("name") != sweep.name or "sweep_id" not in manifest:
+        raise ConfigError(f"--resume: {path} is not a manifest of sweep {sweep.name!r}")
+    return manifest
+
+
+def write_manifest(sweep: SweepConfig, manifest: dict[str, Any]) -> None:
+    path = manifest_path(sweep)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def new_sweep_id(name: str) -> str:
+    """Unique per run of a sweep, so a rerun never overwrites Ray's state of an earlier one."""
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------
+
+
+def run_sweep(
+    sweep: SweepConfig, *, config_path: Path, manifest: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """Run (or resume) the sweep; returns the leaderboard rows."""
+    import ray
+
+    from orchestration.leaderboard import build_leaderboard, format_leaderboard
+    from orchestration.tracking import Tracker, redact
+
+    where = resolve_locations(sweep)
+    where.output_dir.mkdir(parents=True, exist_ok=True)
+    resuming = manifest is not None
+    sweep_id = manifest["sweep_id"] if resuming else new_sweep_id(sweep.name)
+    tracker = Tracker(
+        where.tracking_uri,
+        where.experiment,
+        artifact_location=None
+        if where.tracking_uri.startswith("http")
+        else (where.output_dir / "mlartifacts").as_uri(),
+    )
+    parent_run_id = tracker.parent_run(
+        sweep_id, name=sweep.name, tags=parent_tags(sweep, where, config_path)
+    )
+    if not resuming:
+        _log_parent(tracker, parent_run_id, sweep, config_path)
+    manifest = {
+        "name": sweep.name,
+        "sweep_id": sweep_id,
+        "config": str(config_path),
+        "tracking_uri": redact(where.tracking_uri),
+        "experiment": where.experiment,
+        "parent_run_id": parent_run_id,
+        "storage_root": redact(where.storage_root),
+        "status": "running",
+        "trials": (manifest or {}).get("trials", {}),
+    }
+    write_manifest(sweep, manifest)
+    url = tracker.runs_table_url(sweep.tracking.ui_url)
+    print(f"sweep {sweep_id}: MLflow parent run {parent_run_id}")
+    print(f"MLflow runs table: {url or ui_hint(where, tracker)}")
+
+    _init_ray(where)
+    try:
+        results = _fit(sweep, where, sweep_id, parent_run_id, tracker, resuming)
+        rows = build_leaderboard(sweep, results, tracker=tracker, sweep_id=sweep_id)
+    except BaseException:
+        tracker.end_run(parent_run_id, "KILLED")
+        manifest["status"] = "interrupted"
+        write_manifest(sweep, manifest)
+        raise
+    finally:
+        ray.shutdown()
+
+    manifest["trials"] = {row["trial_id"]: row["run_id"] for row in _all_trials(results, tracker)}
+    manifest["status"] = "finished"
+    write_manifest(sweep, manifest)
+    board_path = where.output_dir / LEADERBOARD
+    board_path.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    tracker.log_artifact(parent_run_id, board_path)
+    print(format_leaderboard(rows))
+    print(f"leaderboard: {board_path}")
+    print(f"MLflow runs table: {url or ui_hint(where, tracker)}")
+    failed = any(row["status"] == "failed" for row in rows)
+    tracker.end_run(parent_run_id, "FAILED" if failed else "FINISHED")
+    return rows
+
+
+def _init_ray(where: Locations) -> None:
+    import ray
+
+    if where.ray_address:
+        ray.init(address=where.ray_address, log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=True)
+
+
+def _fit(
+    sweep: SweepConfig,
+    where: Locations,
+    sweep_id: str,
+    parent_run_id: str,
+    tracker: Any,
+    resuming: bool,
+) -> Any:
+    import ray
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from orchestration.run_closing import RunCloser
+    from orchestration.schedulers import build_scheduler
+    from orchestration.search import param_space
+    from orchestration.storage import Storage
+    from orchestration.trial import SweepContext, run_trial, trial_label, trial_params
+
+    storage = Storage(where.storage_root, where.storage_endpoint)
+    storage_path, filesystem = storage.ray_storage()
+    context = SweepContext(
+        sweep=sweep.model_dump(mode="json"),
+        sweep_id=sweep_id,
+        parent_run_id=parent_run_id,
+        tracking_uri=where.tracking_uri,
+        storage_root=where.storage_root,
+        storage_endpoint=where.storage_endpoint,
+        work_dir=str(where.output_dir / "trials"),
+    )
+    # The trial driver itself needs almost nothing: the Train workers hold the trial's
+    # resources (Ray refuses an empty request, hence a token CPU fraction).
+    trainable = tune.with_parameters(
+        tune.with_resources(run_trial, {"cpu": DRIVER_CPU}), context=context
+    )
+    run_config = tune.RunConfig(
+        name=sweep_id,
+        storage_path=storage_path,
+        storage_filesystem=filesystem,
+        callbacks=[RunCloser(tracker, sweep_id)],
+        failure_config=tune.FailureConfig(max_failures=0),
+        verbose=1,
+    )
+    experiment_path = f"{storage_path}/{sweep_id}"
+    if resuming and tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem):
+        closed = tracker.close_stale_runs(sweep_id, keep=[])
+        if closed:
+            print(f"closed {len(closed)} run(s) left RUNNING by the previous driver")
+        tuner = tune.Tuner.restore(
+            experiment_path,
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=filesystem,
+        )
+        return tuner.fit()
+    max_epochs, _ = sweep.base.train.resolved_schedule()
+    tuner = tune.Tuner(
+        trainable,
+        param_space=param_space(sweep),
+        tune_config=tune.TuneConfig(
+            metric="score",
+            mode="max",
+            scheduler=build_scheduler(sweep.search.scheduler, max_epochs=max_epochs),
+            search_alg=BasicVariantGenerator(random_state=sweep.search.seed),
+            num_samples=sweep.search.num_samples,
+            max_concurrent_trials=max_concurrent_trials(sweep, ray.cluster_resources()),
+            trial_name_creator=lambda t: trial_label(t.config["dataset"], trial_params(t.config)),
+            trial_dirname_creator=lambda t: t.trial_id,
+        ),
+        run_config=run_config,
+    )
+    return tuner.fit()
+
+
+def max_concurrent_trials(sweep: SweepConfig, cluster: dict[str, float]) -> int:
+    """Trials whose workers all fit on the cluster at once (at least 1), or the config's."""
+    if sweep.search.max_concurrent_trials is not None:
+        return sweep.search.max_concurrent_trials
+    res = sweep.resources
+    fits = [cluster.get("CPU", 1.0) // (res.cpus_per_worker * res.workers_per_trial)]
+    if res.use_gpu:
+        fits.append(cluster.get("GPU", 0.0) // (res.gpus_per_worker * res.workers_per_trial))
+    return max(1, int(min(fits)))
+
+
+def _all_trials(results: Any, tracker: Any) -> list[dict[str, str]]:
+    from orchestration.tracking import TAG_TRIAL_ID
+
+    rows = []
+    for result in results:
+        trial_id = _trial_id_of(result)
+        runs = tracker.find_runs(**{TAG_TRIAL_ID: trial_id})
+        rows.append({"trial_id": trial_id, "run_id": runs[0].info.run_id if runs else None})
+    return rows
+
+
+def _trial_id_of(result: Any) -> str:
+    return Path(result.path).name
+
+
+# --------------------------------------------------------------------------------------------
+# The parent run
+# --------------------------------------------------------------------------------------------
+
+
+def parent_tags(sweep: SweepConfig, where: Locations, config_path: Path) -> dict[str, str]:
+    from orchestration.tracking import redact
+
+    tags = {
+        "autoassign.config_file": str(config_path),
+        "autoassign.storage": redact(where.storage_root) or "",
+        "autoassign.datasets": ",".join(d.name for d in sweep.datasets),
+        "python": platform.python_version(),
+    }
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def _log_parent(tracker: Any, run_id: str, sweep: SweepConfig, config_path: Path) -> None:
+    import tempfile
+
+    from orchestration.search import describe_space, trials_per_dataset
+
+    params = {f"search_space.{k}": v for k, v in describe_space(sweep).items()}
+    params.update(
+        {
+            "search.algorithm": sweep.search.algorithm,
+            "search.num_samples": sweep.search.num_samples,
+            "search.scheduler": sweep.search.scheduler.type,
+            "trials_per_dataset": trials_per_dataset(sweep),
+            "resources.workers_per_trial": sweep.resources.workers_per_trial,
+        }
+    )
+    params.update({f"versions.{name}": version for name, version in package_versions().items()})
+    tracker.log_params(run_id, params)
+    from autoassign.config_loading import dump_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        resolved = Path(tmp) / "sweep_resolved.yaml"
+        resolved.write_text(dump_config(sweep), encoding="utf-8")
+        tracker.log_artifact(run_id, resolved)
+        if config_path.is_file():
+            tracker.log_artifact(run_id, config_path)
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in ("autoassign-ray", "torch", "torchvision", "ray", "mlflow", "pycocotools"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return versions
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def ui_hint(where: Locations, tracker: Any) -> str:
+    return (
+        f"run `mlflow ui --backend-store-uri {where.tracking_uri} --port 5000`, then open "
+        f"http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

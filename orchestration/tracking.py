@@ -1,0 +1,361 @@
+"""MLflow for sweeps: a parent run per sweep, a child run per trial, never left RUNNING.
+
+Ray's own ``MLflowLoggerCallback`` / ``setup_mlflow`` open a new run on every restore, know no
+parent runs and leave runs RUNNING when a driver dies. This layer instead:
+
+- finds runs by tags (``autoassign.sweep_id``, ``autoassign.trial_id``), so a restarted trial
+  or a resumed sweep continues its own run instead of opening a second one;
+- buffers metrics and retries them (:class:`MetricBuffer`), so a tracking server that is down
+  for a while loses nothing (bound: :data:`MAX_BUFFERED_POINTS` points, and a final flush that
+  keeps retrying for ``flush_timeout`` seconds, 300 by default);
+- ends each run FINISHED, FAILED (with ``autoassign.failure_reason``) or KILLED (early-stopped
+  trials tagged ``autoassign.early_stopped``);
+- never logs a secret: URIs are logged with their credentials removed (:func:`redact`).
+
+Only the MLflow client API is used (``MlflowClient``), never the global ``mlflow.start_run``
+state, so many trials in one process do not step on each other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import urlparse, urlunparse
+
+logger = logging.getLogger(__name__)
+
+TAG_SWEEP_ID = "autoassign.sweep_id"
+TAG_TRIAL_ID = "autoassign.trial_id"
+TAG_DATASET = "autoassign.dataset"
+TAG_KIND = "autoassign.kind"  # "sweep" or "trial"
+TAG_FAILURE = "autoassign.failure_reason"
+TAG_EARLY_STOPPED = "autoassign.early_stopped"
+TAG_PARENT = "mlflow.parentRunId"
+TAG_RUN_NAME = "mlflow.runName"
+
+MAX_BUFFERED_POINTS = 200_000
+"""Metric points kept while the server is unreachable; beyond this the oldest are dropped
+(and a warning says how many)."""
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------------------------
+# Secrets
+# --------------------------------------------------------------------------------------------
+
+_SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access_key)", re.IGNORECASE)
+
+
+def redact(uri: str | None) -> str | None:
+    """``uri`` without a ``user:password@`` part (and without query strings)."""
+    if not uri:
+        return uri
+    parsed = urlparse(uri)
+    if not parsed.netloc or "@" not in parsed.netloc:
+        return uri
+    host = parsed.netloc.rsplit("@", 1)[1]
+    return urlunparse(parsed._replace(netloc=f"***@{host}", query=""))
+
+
+def safe_params(params: Mapping[str, Any]) -> dict[str, str]:
+    """Parameters as MLflow strings, dropping any whose name looks like a secret."""
+    shown = {}
+    for key, value in params.items():
+        if _SECRET_KEY.search(key):
+            continue
+        text = redact(value) if isinstance(value, str) else value
+        shown[key] = str(text)[:6000]
+    return shown
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists and tuples stay values)."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, prefix=f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+# --------------------------------------------------------------------------------------------
+# Retrying
+# --------------------------------------------------------------------------------------------
+
+
+def quiet_client_retries() -> None:
+    """Make each MLflow HTTP call fail fast; :func:`with_retries` and the buffer retry instead.
+
+    MLflow's own retries block a training step for minutes against a server that is down.
+    """
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+
+
+def with_retries(call: Callable[[], T], *, what: str, timeout: float = 300.0) -> T:
+    """``call()``, retried with backoff for up to ``timeout`` seconds on any error."""
+    deadline = time.monotonic() + timeout
+    delay = 1.0
+    while True:
+        try:
+            return call()
+        except Exception as error:
+            if time.monotonic() + delay > deadline:
+                raise
+            logger.warning("MLflow %s failed (%s); retrying in %.0f s", what, error, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 15.0)
+
+
+@dataclass
+class MetricBuffer:
+    """Metrics waiting to reach the server; sent in batches, kept while sending fails."""
+
+    client: Any
+    run_id: str
+    pending: list[Any] = field(default_factory=list)
+    dropped: int = 0
+    last_error: str | None = None
+
+    def add(self, metrics: Mapping[str, float], *, step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        for key, value in metrics.items():
+            if value is None:
+                continue
+            self.pending.append(Metric(key, float(value), now, int(step)))
+        overflow = len(self.pending) - MAX_BUFFERED_POINTS
+        if overflow > 0:
+            del self.pending[:overflow]
+            self.dropped += overflow
+            logger.warning("MLflow unreachable: dropped %d oldest metric points", self.dropped)
+
+    def flush(self) -> bool:
+        """Try once to send everything pending; True when nothing is left."""
+        while self.pending:
+            chunk = self.pending[:1000]
+            try:
+                self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+            except Exception as error:
+                if self.last_error is None:
+                    logger.warning("MLflow unreachable (%s); keeping metrics to retry", error)
+                self.last_error = str(error)
+                return False
+            del self.pending[: len(chunk)]
+        if self.last_error is not None:
+            logger.warning("MLflow reachable again; buffered metrics sent")
+            self.last_error = None
+        return True
+
+    def close(self, *, timeout: float = 300.0) -> None:
+        """Flush, retrying for up to ``timeout`` seconds; raise if the server never answers."""
+        deadline = time.monotonic() + timeout
+        while not self.flush():
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"MLflow unreachable for {timeout:.0f} s at the end of the run; "
+                    f"{len(self.pending)} metric points not logged ({self.last_error})"
+                )
+            time.sleep(2.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Runs
+# --------------------------------------------------------------------------------------------
+
+
+class Tracker:
+    """The sweep's view of one MLflow experiment."""
+
+    def __init__(
+        self, tracking_uri: str, experiment_name: str, *, artifact_location: str | None = None
+    ):
+        """``artifact_location``: where a new experiment keeps artifacts (None: the server's
+        default, e.g. its ``--artifacts-destination``)."""
+        from mlflow.tracking import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.artifact_location = artifact_location
+        self.client = MlflowClient(tracking_uri)
+        self.experiment_name = experiment_name
+        self.experiment_id = with_retries(self._experiment_id, what="experiment lookup", timeout=60)
+
+    def _experiment_id(self) -> str:
+        found = self.client.get_experiment_by_name(self.experiment_name)
+        if found is not None:
+            if found.lifecycle_stage == "deleted":
+                self.client.restore_experiment(found.experiment_id)
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(
+                self.experiment_name, artifact_location=self.artifact_location
+            )
+        except Exception:  # created meanwhile by another process
+            found = self.client.get_experiment_by_name(self.experiment_name)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    # ---- finding --------------------------------------------------------------------------
+
+    def find_runs(self, **tags: str) -> list[Any]:
+        """Runs of this experiment carrying every ``tag=value`` (keys as in ``TAG_*``)."""
+        clauses = [f"tags.`{key}` = '{value}'" for key, value in tags.items()]
+        return with_retries(
+            lambda: self.client.search_runs(
+                [self.experiment_id], filter_string=" and ".join(clauses), max_results=1000
+            ),
+            what="run search",
+            timeout=60,
+        )
+
+    # ---- parent -----------------------------------------------------------------------------
+
+    def parent_run(self, sweep_id: str, *, name: str, tags: Mapping[str, str]) -> str:
+        """The sweep's parent run id: the existing one (a resume) or a new one."""
+        existing = self.find_runs(**{TAG_SWEEP_ID: sweep_id, TAG_KIND: "sweep"})
+        if existing:
+            run_id = existing[0].info.run_id
+            if existing[0].info.status != "RUNNING":
+                self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        run = with_retries(
+            lambda: self.client.create_run(
+                self.experiment_id,
+                run_name=name,
+                tags={TAG_SWEEP_ID: sweep_id, TAG_KIND: "sweep", **tags},
+            ),
+            what="run creation",
+            timeout=60,
+        )
+        return run.info.run_id
+
+    # ---- children ---------------------------------------------------------------------------
+
+    def trial_run(
+        self,
+        *,
+        sweep_id: str,
+        parent_run_id: str,
+        trial_id: str,
+        name: str,
+        dataset: str,
+        params: Mapping[str, Any],
+        dataset_input: DatasetInput | None = None,
+    ) -> str:
+        """The trial's child run id: found by tags when it exists (a restart), else created."""
+        existing = self.find_runs(**{TAG_SWEEP_ID: sweep_id, TAG_TRIAL_ID: trial_id})
+        if existing:
+            run_id = existing[0].info.run_id
+            if existing[0].info.status != "RUNNING":
+                self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        tags = {
+            TAG_SWEEP_ID: sweep_id,
+            TAG_TRIAL_ID: trial_id,
+            TAG_KIND: "trial",
+            TAG_DATASET: dataset,
+            TAG_PARENT: parent_run_id,
+        }
+        run = with_retries(
+            lambda: self.client.create_run(self.experiment_id, run_name=name, tags=tags),
+            what="run creation",
+            timeout=60,
+        )
+        run_id = run.info.run_id
+        self.log_params(run_id, params)
+        if dataset_input is not None:
+            self.log_dataset(run_id, dataset_input)
+        return run_id
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in sorted(safe_params(params).items())]
+        for start in range(0, len(items), 100):
+            chunk = items[start : start + 100]
+            with_retries(
+                lambda chunk=chunk: self.client.log_batch(run_id, params=chunk),
+                what="params",
+            )
+
+    def log_dataset(self, run_id: str, dataset: DatasetInput) -> None:
+        """The dataset as an MLflow dataset input (the runs table's Dataset column)."""
+        from mlflow.entities import Dataset, InputTag
+        from mlflow.entities import DatasetInput as MlflowDatasetInput
+
+        entity = Dataset(
+            name=dataset.name,
+            digest=dataset.digest,
+            source_type="local" if "://" not in dataset.source else dataset.source.split(":")[0],
+            source=dataset.source,
+        )
+        tags = [InputTag(key="mlflow.data.context", value=dataset.context)]
+        with_retries(
+            lambda: self.client.log_inputs(run_id, [MlflowDatasetInput(entity, tags)]),
+            what="dataset input",
+        )
+
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        for key, value in tags.items():
+            with_retries(
+                lambda key=key, value=value: self.client.set_tag(run_id, key, str(value)[:5000]),
+                what="tag",
+            )
+
+    def log_artifact(self, run_id: str, path: str | os.PathLike, folder: str | None = None) -> None:
+        with_retries(
+            lambda: self.client.log_artifact(run_id, str(path), folder), what="artifact upload"
+        )
+
+    def end_run(self, run_id: str, status: str, *, reason: str | None = None) -> None:
+        """End a run as FINISHED, FAILED (``reason`` tagged) or KILLED."""
+        if reason:
+            self.set_tags(run_id, {TAG_FAILURE: reason})
+        with_retries(lambda: self.client.set_terminated(run_id, status=status), what="run end")
+
+    def run_status(self, run_id: str) -> str:
+        return with_retries(lambda: self.client.get_run(run_id).info.status, what="run lookup")
+
+    def close_stale_runs(self, sweep_id: str, keep: Iterable[str] = ()) -> list[str]:
+        """End as KILLED every RUNNING trial run of the sweep not in ``keep``; their ids."""
+        keep = set(keep)
+        closed = []
+        for run in self.find_runs(**{TAG_SWEEP_ID: sweep_id, TAG_KIND: "trial"}):
+            if run.info.status == "RUNNING" and run.info.run_id not in keep:
+                self.end_run(run.info.run_id, "KILLED", reason="the sweep driver stopped")
+                closed.append(run.info.run_id)
+        return closed
+
+    def runs_table_url(self, ui_url: str | None) -> str | None:
+        """The UI link to the experiment's runs table (MLflow 3 otherwise opens elsewhere)."""
+        base = ui_url or (self.tracking_uri if self.tracking_uri.startswith("http") else None)
+        if base is None:
+            return None
+        return f"{redact(base.rstrip('/'))}/#/experiments/{self.experiment_id}/runs"
+
+
+@dataclass(frozen=True)
+class DatasetInput:
+    """What the runs table shows in its Dataset column for a trial."""
+
+    name: str
+    source: str
+    digest: str
+    context: str = "training"
+
+    @staticmethod
+    def describe(name: str, root: str, format: str, split: str) -> DatasetInput:
+        digest = hashlib.sha256(f"{format}:{root}:{split}".encode()).hexdigest()[:16]
+        return DatasetInput(name=f"{name} ({format} {split})", source=str(root), digest=digest)

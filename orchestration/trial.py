@@ -1,0 +1,179 @@
+"""One Tune trial: a small driver that runs a Ray Train ``TorchTrainer`` and forwards its reports.
+
+Ray Train V2's ``RunConfig`` takes no Tune callbacks, so Ray's documented Train-in-Tune
+pattern is used: the Tune trainable (:func:`run_trial`) builds the trial's
+``ExperimentConfig``, opens (or finds) the trial's MLflow child run, and calls
+``TorchTrainer.fit()`` with ``TuneReportCallback``, which forwards every worker report to
+Tune (and so to the scheduler). The Train run is named after the trial, so a trial started
+again (a retried error, a resumed sweep) continues from the last checkpoint in storage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestration.config import SweepConfig, trial_experiment
+
+DATASET_KEY = "dataset"
+"""The Tune config key naming the trial's dataset; the other keys are search-space paths."""
+
+
+class TrialFailure(RuntimeError):
+    """A trial that cannot succeed (its loss went non-finite); the message says why."""
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """What every trial driver needs to know about its sweep (sent to it by Tune)."""
+
+    sweep: dict[str, Any]
+    """The SweepConfig as plain data."""
+    sweep_id: str
+    parent_run_id: str | None
+    tracking_uri: str | None
+    storage_root: str
+    storage_endpoint: str | None
+    work_dir: str
+    """Absolute local folder for rank 0's files of each trial (``<work_dir>/<trial_id>``)."""
+
+    def sweep_config(self) -> SweepConfig:
+        return SweepConfig.model_validate(self.sweep)
+
+
+def trial_params(tune_config: dict[str, Any]) -> dict[str, Any]:
+    """The search-space values of a trial (every key but the dataset)."""
+    return {key: value for key, value in tune_config.items() if key != DATASET_KEY}
+
+
+def trial_label(dataset: str, params: dict[str, Any]) -> str:
+    """A short readable name: ``coco·13e·sigma=1.5``."""
+    parts = [dataset]
+    for key, value in params.items():
+        field = key.rsplit(".", 1)[-1]
+        shown = _short(value)
+        if field == "schedule":
+            parts.append(shown)
+        else:
+            parts.append(f"{field.removesuffix('_init')}={shown}")
+    return "·".join(parts)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return "x".join(_short(v) for v in value)
+    return str(value)
+
+
+def train_run_name(sweep_id: str, trial_id: str) -> str:
+    """The Ray Train run name of a trial: stable across restarts, unique per sweep."""
+    digest = hashlib.sha1(f"{sweep_id}/{trial_id}".encode()).hexdigest()[:8]
+    return f"{trial_id}-{digest}"
+
+
+def run_trial(tune_config: dict[str, Any], context: SweepContext) -> None:
+    """The Tune trainable: every epoch reaches Tune through the workers' reports; raises when
+    the trial failed (so Tune marks it ERROR with the reason)."""
+    import ray.train
+    import ray.tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from orchestration.storage import Storage
+    from orchestration.tracking import DatasetInput, Tracker, flatten, quiet_client_retries
+    from orchestration.worker import NONFINITE_KEY, train_loop
+
+    sweep = context.sweep_config()
+    dataset = sweep.dataset(tune_config[DATASET_KEY])
+    params = trial_params(tune_config)
+    trial_id = ray.tune.get_context().get_trial_id()
+    work_dir = Path(context.work_dir) / trial_id
+    experiment = trial_experiment(sweep, dataset, params, output_dir=work_dir)
+
+    tracker = run_id = None
+    if context.tracking_uri is not None:
+        quiet_client_retries()
+        tracker = Tracker(context.tracking_uri, sweep.tracking.experiment or sweep.name)
+        all_params = {
+            **flatten(experiment.model_dump(mode="json")),
+            "dataset": dataset.name,
+            **{f"search.{k}": v for k, v in params.items()},
+        }
+        run_id = tracker.trial_run(
+            sweep_id=context.sweep_id,
+            parent_run_id=context.parent_run_id or "",
+            trial_id=trial_id,
+            name=trial_label(dataset.name, params),
+            dataset=dataset.name,
+            params=all_params,
+            dataset_input=DatasetInput.describe(
+                dataset.name, str(dataset.root), dataset.format, dataset.train_split
+            ),
+        )
+
+    storage = Storage(context.storage_root, context.storage_endpoint)
+    storage_path, filesystem = storage.ray_storage()
+    resources = sweep.resources
+    per_worker = {"CPU": resources.cpus_per_worker}
+    if resources.use_gpu:
+        per_worker["GPU"] = resources.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "experiment": experiment.model_dump(mode="json"),
+            "work_dir": str(work_dir),
+            "ranking_metric": dataset.ranking_metric,
+            "tracking_uri": context.tracking_uri,
+            "run_id": run_id,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=resources.workers_per_trial,
+            use_gpu=resources.use_gpu,
+            resources_per_worker=per_worker,
+        ),
+        run_config=ray.train.RunConfig(
+            name=train_run_name(context.sweep_id, trial_id),
+            storage_path=f"{storage_path}/{context.sweep_id}/train",
+            storage_filesystem=filesystem,
+            failure_config=ray.train.FailureConfig(max_failures=resources.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=sweep.storage.num_to_keep,
+                checkpoint_score_attribute="score",
+                checkpoint_score_order="max",
+            ),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as error:
+        if tracker is not None and run_id is not None:
+            tracker.end_run(run_id, "FAILED", reason=_first_line(error))
+        raise
+    metrics = dict(result.metrics or {})
+    if NONFINITE_KEY in metrics:
+        reason = metrics[NONFINITE_KEY]
+        if tracker is not None and run_id is not None:
+            tracker.end_run(run_id, "FAILED", reason=reason)
+        raise TrialFailure(reason)
+    if tracker is not None and run_id is not None:
+        checkpoint = result.checkpoint
+        if checkpoint is not None:
+            tracker.set_tags(
+                run_id, {"autoassign.checkpoint_uri": _checkpoint_uri(storage, checkpoint)}
+            )
+        tracker.end_run(run_id, "FINISHED")
+
+
+def _checkpoint_uri(storage: Any, checkpoint: Any) -> str:
+    path = checkpoint.path
+    return f"s3://{path}" if storage.is_s3 and not path.startswith("s3://") else path
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:2000]

@@ -1,0 +1,169 @@
+"""Rank 0's MLflow logging inside a trial: metrics while training, artifacts at the end.
+
+:class:`MlflowTrialLogger` is an engine :class:`~autoassign.engine.Callback`. It logs
+
+- ``train/<loss>`` and ``lr`` every ``log_every_iters`` steps (batched with ``log_batch``),
+- per epoch: ``epoch/train_<loss>`` means and every evaluation metric, with the global
+  iteration as the step,
+- at the end: the resolved config, the final evaluation, per-class AP, the learned center
+  priors (plot and values) and a few validation images with their predictions drawn.
+
+A worker restarted from a checkpoint re-runs steps it already logged: steps up to the highest
+one the run already holds are not logged again, so no epoch appears twice. Metrics go through
+:class:`~orchestration.tracking.MetricBuffer`, so a tracking server that is down for a while
+loses nothing and fails nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from autoassign.engine import Callback, TrainState
+from orchestration.tracking import MetricBuffer, quiet_client_retries, with_retries
+
+logger = logging.getLogger(__name__)
+
+STEP_METRIC = "train/loss"
+VALIDATION_SAMPLES = 3
+
+
+class MlflowTrialLogger(Callback):
+    def __init__(
+        self,
+        tracking_uri: str,
+        run_id: str,
+        *,
+        log_every_iters: int,
+        ranking_metric: str,
+        flush_timeout: float = 300.0,
+    ):
+        from mlflow.tracking import MlflowClient
+
+        quiet_client_retries()
+        self.client = MlflowClient(tracking_uri)
+        self.run_id = run_id
+        self.log_every_iters = log_every_iters
+        self.ranking_metric = ranking_metric
+        self.flush_timeout = flush_timeout
+        self.buffer = MetricBuffer(self.client, run_id)
+        self.logged_up_to = -1
+        self.trainer: Any = None
+        self._sums: dict[str, float] = {}
+        self._count = 0
+
+    # ---- hooks ------------------------------------------------------------------------------
+
+    def on_train_start(self, state: TrainState) -> None:
+        self.logged_up_to = self._highest_logged_step()
+        state.extra["mlflow_run_id"] = self.run_id
+
+    def on_step(self, state: TrainState, losses: dict[str, float]) -> None:
+        if all(math.isfinite(v) for v in losses.values()):
+            for name, value in losses.items():
+                self._sums[name] = self._sums.get(name, 0.0) + value
+            self._count += 1
+        if state.iteration % self.log_every_iters != 0:
+            return
+        if self._count and state.iteration > self.logged_up_to:
+            means = {f"train/{name}": total / self._count for name, total in self._sums.items()}
+            self.buffer.add({**means, "lr": state.lr}, step=state.iteration)
+            self.buffer.flush()
+        self._sums, self._count = {}, 0
+
+    def on_epoch_end(self, state: TrainState, metrics: dict[str, float]) -> None:
+        if state.iteration <= self.logged_up_to:
+            return
+        values = {f"epoch/train_{name}": v for name, v in state.epoch_losses.items()}
+        values["epoch"] = float(state.epochs_completed)
+        values.update({name: v for name, v in metrics.items() if math.isfinite(v)})
+        self.buffer.add(values, step=state.iteration)
+        self.buffer.flush()
+
+    def on_train_end(self, state: TrainState, metrics: dict[str, float]) -> None:
+        self.buffer.close(timeout=self.flush_timeout)
+        if state.status == "finished" and self.trainer is not None:
+            self._log_artifacts(metrics)
+
+    # ---- helpers ----------------------------------------------------------------------------
+
+    def _highest_logged_step(self) -> int:
+        history = with_retries(
+            lambda: self.client.get_metric_history(self.run_id, STEP_METRIC),
+            what="metric history",
+            timeout=self.flush_timeout,
+        )
+        epochs = with_retries(
+            lambda: self.client.get_metric_history(self.run_id, "epoch"),
+            what="metric history",
+            timeout=self.flush_timeout,
+        )
+        steps = [m.step for m in history] + [m.step for m in epochs]
+        return max(steps, default=-1)
+
+    def _log_artifacts(self, metrics: dict[str, float]) -> None:
+        trainer = self.trainer
+        out = Path(trainer.output_dir)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            per_class = {k[3:]: v for k, v in metrics.items() if k.startswith("AP/")}
+            (folder / "per_class_ap.json").write_text(json.dumps(per_class, indent=2) + "\n")
+            summary = {k: v for k, v in metrics.items() if not k.startswith("AP/")}
+            (folder / "final_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+            files = [folder / "per_class_ap.json", folder / "final_metrics.json"]
+            files += [out / n for n in ("config.yaml", "center_prior.png", "center_prior.json")]
+            for path in files:
+                if path.is_file():
+                    with_retries(
+                        lambda path=path: self.client.log_artifact(self.run_id, str(path)),
+                        what="artifact upload",
+                        timeout=self.flush_timeout,
+                    )
+            samples = folder / "validation_samples"
+            if draw_validation_samples(trainer, samples, VALIDATION_SAMPLES):
+                with_retries(
+                    lambda: self.client.log_artifacts(
+                        self.run_id, str(samples), "validation_samples"
+                    ),
+                    what="artifact upload",
+                    timeout=self.flush_timeout,
+                )
+
+
+def draw_validation_samples(trainer: Any, folder: Path, count: int) -> int:
+    """Draw the detector's predictions on the first ``count`` val images; images written."""
+    import torch
+    from PIL import Image
+
+    from autoassign.data.transforms import load_image, resize_image
+    from autoassign.viz import draw_detections
+
+    detector = trainer.detector
+    records = trainer.val_dataset.records[:count]
+    input_cfg = trainer.config.model.input
+    folder.mkdir(parents=True, exist_ok=True)
+    was_training = detector.training
+    detector.eval()
+    written = 0
+    with torch.no_grad():
+        for record in records:
+            image = load_image(record.path)
+            size = (int(image.shape[-2]), int(image.shape[-1]))
+            resized, _ = resize_image(image, input_cfg.min_size, input_cfg.max_size)
+            (output,) = detector([resized.to(trainer.device)], original_sizes=[size])
+            keep = output["scores"] >= 0.3
+            canvas = draw_detections(
+                Image.fromarray(image.permute(1, 2, 0).numpy()),
+                output["boxes"][keep].cpu().numpy(),
+                output["labels"][keep].cpu().tolist(),
+                output["scores"][keep].cpu().numpy(),
+                trainer.train_dataset.class_names,
+            )
+            canvas.save(folder / f"{Path(record.file_name).stem}.jpg", quality=90)
+            written += 1
+    detector.train(was_training)
+    return written

@@ -1,0 +1,125 @@
+"""What each Ray Train worker of a trial runs: the library's one training loop, plus reporting.
+
+``train_loop(loop_config)`` is the ``train_loop_per_worker`` of every trial's
+``TorchTrainer``. It rebuilds the trial's :class:`~autoassign.config.ExperimentConfig`, runs
+:class:`autoassign.engine.Trainer` (Ray Train has already initialised the process group, so
+the engine wraps the model in DDP itself) with two callbacks:
+
+- :class:`RayReporter` (every rank): one ``ray.train.report`` per epoch with the epoch's
+  losses, its evaluation and ``score`` (the dataset's ranking metric), plus rank 0's
+  checkpoint directory when one was written;
+- :class:`~orchestration.trial_logging.MlflowTrialLogger` (rank 0): losses, lr and metrics into
+  the trial's child run, whose id the trial driver passes in ``loop_config``.
+
+After a worker dies, Ray Train starts new workers and ``ray.train.get_checkpoint()`` hands
+back the last reported checkpoint; training continues from it exactly (weights, optimizer,
+schedule position, RNG states) into the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from autoassign.config import ExperimentConfig
+from autoassign.engine import Callback, Trainer, TrainState
+from autoassign.errors import NonFiniteLossError
+
+NONFINITE_KEY = "nonfinite_error"
+"""Reported instead of raising when the loss went NaN/inf: retrying would only repeat it."""
+
+
+class RayReporter(Callback):
+    """Reports each epoch to Ray Train (all ranks report; rank 0 attaches the checkpoint).
+
+    Reported keys: ``epoch`` (epochs completed, Tune's time axis), ``iteration``,
+    ``train/<loss>`` (epoch means), the evaluation metrics, and ``score``: the ranking metric
+    of the last evaluation (carried forward on epochs without one, so schedulers always see
+    it; 0 before the first).
+    """
+
+    def __init__(self, ranking_metric: str, *, keep_local: int = 1):
+        self.ranking_metric = ranking_metric
+        self.keep_local = keep_local
+        self.pending_checkpoint: Path | None = None
+        self.score = 0.0
+        self.reported_dirs: list[Path] = []
+
+    def on_checkpoint(self, state: TrainState, path: Path) -> None:
+        self.pending_checkpoint = Path(path)
+
+    def on_epoch_end(self, state: TrainState, metrics: dict[str, float]) -> None:
+        import ray.train
+
+        if metrics and self.ranking_metric in metrics:
+            value = metrics[self.ranking_metric]
+            self.score = value if math.isfinite(value) else 0.0
+        report: dict[str, Any] = {
+            "epoch": state.epochs_completed,
+            "iteration": state.iteration,
+            "score": self.score,
+            **{f"train/{name}": value for name, value in state.epoch_losses.items()},
+            # Per-class APs go to MLflow only: Tune's table and result files stay readable.
+            **{name: value for name, value in metrics.items() if not name.startswith("AP/")},
+        }
+        checkpoint = None
+        if self.pending_checkpoint is not None and state.is_main_process:
+            checkpoint = ray.train.Checkpoint.from_directory(str(self.pending_checkpoint))
+        ray.train.report(report, checkpoint=checkpoint)
+        if self.pending_checkpoint is not None and state.is_main_process:
+            self._prune_local(self.pending_checkpoint)
+        self.pending_checkpoint = None
+
+    def _prune_local(self, reported: Path) -> None:
+        """Ray has copied the checkpoint to storage: drop older local copies."""
+        self.reported_dirs.append(reported)
+        while len(self.reported_dirs) > self.keep_local:
+            shutil.rmtree(self.reported_dirs.pop(0), ignore_errors=True)
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """The ``train_loop_per_worker`` of a trial (see the module docstring).
+
+    ``loop_config`` keys: ``experiment`` (the ExperimentConfig as plain data), ``work_dir``
+    (rank 0's local folder), ``ranking_metric``, and, when tracking, ``tracking_uri`` and
+    ``run_id``.
+    """
+    import ray.train
+
+    from orchestration.trial_logging import MlflowTrialLogger
+
+    config = ExperimentConfig.model_validate(loop_config["experiment"])
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    work_dir = Path(loop_config["work_dir"])
+    callbacks: list[Callback] = [RayReporter(loop_config["ranking_metric"])]
+    logger = None
+    if rank == 0 and loop_config.get("run_id"):
+        logger = MlflowTrialLogger(
+            loop_config["tracking_uri"],
+            loop_config["run_id"],
+            log_every_iters=config.train.log_every_iters,
+            ranking_metric=loop_config["ranking_metric"],
+        )
+        callbacks.append(logger)
+    trainer = Trainer(
+        config,
+        callbacks=callbacks,
+        output_dir=work_dir,
+        checkpoint_dir=work_dir / "checkpoints",
+        show_progress=rank == 0,
+    )
+    if logger is not None:
+        logger.trainer = trainer
+    checkpoint = ray.train.get_checkpoint()
+    try:
+        if checkpoint is not None:
+            with checkpoint.as_directory() as directory:
+                trainer.load_checkpoint(directory)
+        trainer.fit()
+    except NonFiniteLossError as error:
+        # Every rank raises it together (the engine agrees on it first); ending the loop with
+        # a report, not an exception, keeps Ray from restarting a run that would repeat it.
+        ray.train.report({NONFINITE_KEY: str(error), "epoch": trainer.state.epochs_completed})
