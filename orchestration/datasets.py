@@ -56,8 +56,12 @@ def write_synthetic_if_missing(dataset: DatasetConfig) -> bool:
     return True
 
 
-def scan_all(sweep: SweepConfig, *, write_synthetic: bool) -> dict[str, str]:
+def scan_all(
+    sweep: SweepConfig, *, write_synthetic: bool, source: str | None = None
+) -> dict[str, str]:
     """Scan every dataset's train split; one line of summary per dataset name.
+
+    ``source`` (the sweep file) starts every error message, as the config's own errors do.
 
     Raises:
         DatasetError: a dataset has errors (the scan's report says which file and line).
@@ -70,24 +74,25 @@ def scan_all(sweep: SweepConfig, *, write_synthetic: bool) -> dict[str, str]:
         if not Path(dataset.root).exists():
             summaries[dataset.name] = f"synthetic, written at {dataset.root} when the sweep runs"
             continue
-        summaries[dataset.name] = scan_one(dataset, index)
+        summaries[dataset.name] = scan_one(dataset, index, source=source)
     return summaries
 
 
-def scan_one(dataset: DatasetConfig, index: int) -> str:
+def scan_one(dataset: DatasetConfig, index: int, *, source: str | None = None) -> str:
     from autoassign.data.validate import scan_dataset
 
+    prefix = f"{source}: " if source else ""
     report = scan_dataset(data_config(dataset), dataset.train_split)
     if not report.ok:
         raise DatasetError(
-            f"dataset {dataset.name!r} (datasets.{index}) has problems; nothing started:\n"
-            f"{report.summary()}"
+            f"{prefix}dataset {dataset.name!r} (datasets.{index}) has problems; "
+            f"nothing started:\n{report.summary()}"
         )
     classes = len(report.boxes_per_class)
     if classes and classes != dataset.num_classes:
         raise ConfigError(
-            f"datasets.{index}.num_classes: {dataset.num_classes}, but the {dataset.format} "
-            f"dataset at {dataset.root} has {classes} classes"
+            f"{prefix}datasets.{index}.num_classes: {dataset.num_classes}, but the "
+            f"{dataset.format} dataset at {dataset.root} has {classes} classes"
         )
     return (
         f"{report.num_images} train images, {report.num_boxes} boxes, "

@@ -83,11 +83,11 @@ def run(args: argparse.Namespace) -> None:
     from orchestration import datasets
 
     if args.dry_run:
-        scans = datasets.scan_all(sweep, write_synthetic=False)
+        scans = datasets.scan_all(sweep, write_synthetic=False, source=str(args.config))
         print(format_plan(sweep, scans, resolve_locations(sweep)))
         return
     manifest = read_manifest(sweep) if args.resume else None
-    datasets.scan_all(sweep, write_synthetic=True)
+    datasets.scan_all(sweep, write_synthetic=True, source=str(args.config))
     leaderboard = run_sweep(sweep, config_path=args.config, manifest=manifest)
     failed = [row["dataset"] for row in leaderboard if row["status"] == "failed"]
     if failed:
