@@ -313,10 +313,43 @@ def load_sweep_config(path: str | Path, overrides: Iterable[str] = ()) -> SweepC
             raise ConfigError(f"{path}: override {override!r}: {error}") from None
     data = apply_overrides(data, overrides)
     sweep = validate_model(data, SweepConfig, source=str(path), overrides=overrides)
-    check_search_space(sweep, source=str(path))
     for index, dataset in enumerate(sweep.datasets):
-        trial_experiment(sweep, dataset, {}, source=f"{path}: datasets.{index}")
+        check_dataset_overrides(dataset, source=f"{path}: datasets.{index}.overrides")
+        trial_experiment(sweep, dataset, {}, source=f"{path}: datasets.{index}.overrides")
+    check_search_space(sweep, source=str(path))
     return sweep
+
+
+SWEEP_OWNED_FIELDS = frozenset(
+    {
+        "data",
+        "data.format",
+        "data.root",
+        "data.train_split",
+        "data.val_split",
+        "data.synthesize_if_missing",
+        "model",
+        "model.num_classes",
+        "output_dir",
+        "device",
+    }
+)
+"""ExperimentConfig fields the sweep sets itself from each dataset entry and its own folders:
+they are neither searched nor overridden (other ``data.*`` fields, e.g. the batch size, are)."""
+
+
+def check_dataset_overrides(dataset: DatasetConfig, *, source: str) -> None:
+    """Each override names an ExperimentConfig field the sweep does not set itself."""
+    for key in dataset.overrides:
+        try:
+            check_field_path(ExperimentConfig, key)
+        except ConfigError as error:
+            raise ConfigError(f"{source}.{key}: {error}") from None
+        if key in SWEEP_OWNED_FIELDS:
+            raise ConfigError(
+                f"{source}.{key}: set by the sweep from the dataset entry (format, root, "
+                "splits, num_classes) and its own folders, not by an override"
+            )
 
 
 def check_search_space(sweep: SweepConfig, *, source: str) -> None:
@@ -327,10 +360,10 @@ def check_search_space(sweep: SweepConfig, *, source: str) -> None:
             check_field_path(ExperimentConfig, key)
         except ConfigError as error:
             raise ConfigError(f"{where}: {error}") from None
-        if key.startswith("data.") or key in ("output_dir", "device"):
+        if key in SWEEP_OWNED_FIELDS:
             raise ConfigError(
-                f"{where}: the dataset, output folder and device are set by the sweep, "
-                "not searched (list datasets under datasets:)"
+                f"{where}: the dataset, class count, output folder and device are set by the "
+                "sweep, not searched (list datasets under datasets:)"
             )
         for dataset in sweep.datasets:
             for value in distribution.representative_values():
@@ -364,13 +397,7 @@ def trial_experiment(
     data["model"]["num_classes"] = dataset.num_classes
     if output_dir is not None:
         data["output_dir"] = str(output_dir)
-    assignments = [*dataset.overrides.items(), *params.items()]
-    for key, _ in dataset.overrides.items():
-        try:
-            check_field_path(ExperimentConfig, key)
-        except ConfigError as error:
-            raise ConfigError(f"{source}.overrides.{key}: {error}") from None
-    data = _set_paths(data, assignments)
+    data = _set_paths(data, [*dataset.overrides.items(), *params.items()])
     try:
         return ExperimentConfig.model_validate(data)
     except Exception as error:  # pydantic.ValidationError

@@ -342,9 +342,12 @@ def _fit(
             metric="score",
             mode="max",
             scheduler=build_scheduler(sweep.search.scheduler, max_epochs=max_epochs),
-            search_alg=BasicVariantGenerator(random_state=sweep.search.seed),
+            # The limit must sit on the generator itself: Tune does not wrap one given to it.
+            search_alg=BasicVariantGenerator(
+                random_state=sweep.search.seed,
+                max_concurrent=max_concurrent_trials(sweep, ray.cluster_resources()),
+            ),
             num_samples=sweep.search.num_samples,
-            max_concurrent_trials=max_concurrent_trials(sweep, ray.cluster_resources()),
             trial_name_creator=lambda t: trial_label(t.config["dataset"], trial_params(t.config)),
             trial_dirname_creator=lambda t: t.trial_id,
         ),

@@ -387,3 +387,28 @@ def test_flatten():
         "x": 1,
     }
     assert flatten({"a": {"b": 1}}, prefix="p.") == {"p.a.b": 1}
+
+
+def test_dataset_override_errors_name_the_override(tmp_path):
+    text = GOOD.replace("synthetic: true}", "synthetic: true, overrides: {train.lrr: 1}}")
+    text += "search_space:\n  model.center_prior.sigma_init: {grid: [1.0]}\n"
+    stderr = bad_config(tmp_path, text)
+    assert "datasets.0.overrides.train.lrr: unknown field 'lrr'" in stderr
+    text = GOOD.replace("synthetic: true}", "synthetic: true, overrides: {train.lr: -1}}")
+    stderr = bad_config(tmp_path, text)
+    assert "datasets.0.overrides: train.lr: Input should be greater than 0" in stderr
+
+
+@pytest.mark.parametrize("key", ["data.root", "model.num_classes", "output_dir"])
+def test_fields_the_sweep_owns_are_neither_overridden_nor_searched(tmp_path, key):
+    text = GOOD.replace("synthetic: true}", f"synthetic: true, overrides: {{{key}: 3}}}}")
+    assert f"datasets.0.overrides.{key}: set by the sweep" in bad_config(tmp_path, text)
+    text = GOOD + f"search_space:\n  {key}: {{grid: [3]}}\n"
+    assert f"search_space.{key}: the dataset, class count" in bad_config(tmp_path, text)
+
+
+def test_per_dataset_batch_size_is_an_allowed_override(tmp_path):
+    text = GOOD.replace("synthetic: true}", "synthetic: true, overrides: {data.batch_size: 8}}")
+    (tmp_path / "ok.yaml").write_text(text)
+    sweep = load_sweep_config(tmp_path / "ok.yaml")
+    assert trial_experiment(sweep, sweep.datasets[0], {}).data.batch_size == 8
