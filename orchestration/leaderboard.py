@@ -44,7 +44,9 @@ def build_leaderboard(
         trial_id = Path(best.path).name
         runs = tracker.find_runs(**{TAG_SWEEP_ID: sweep_id, TAG_TRIAL_ID: trial_id})
         run_id = runs[0].info.run_id if runs else None
-        checkpoint = best.checkpoint.path if best.checkpoint is not None else None
+        # Train-in-Tune: the last checkpoint's path arrives with the metrics (Ray's
+        # TuneReportCallback), not as a Tune checkpoint.
+        checkpoint = best.metrics.get("checkpoint_path")
         if checkpoint and sweep.storage.is_s3 and not checkpoint.startswith("s3://"):
             checkpoint = f"s3://{checkpoint}"
         row.update(

@@ -37,7 +37,8 @@ from orchestration.config import SweepConfig, check_dataset_folders, load_sweep_
 
 MANIFEST = "manifest.json"
 LEADERBOARD = "leaderboard.json"
-DRIVER_CPU = 0.01
+DRIVER_RESOURCES = {"cpu": 0, "memory": 1}
+"""What each trial's Tune driver asks of Ray (bytes of logical memory)."""
 
 
 class SweepError(AutoAssignError):
@@ -308,10 +309,10 @@ def _fit(
         storage_endpoint=where.storage_endpoint,
         work_dir=str(where.output_dir / "trials"),
     )
-    # The trial driver itself needs almost nothing: the Train workers hold the trial's
-    # resources (Ray refuses an empty request, hence a token CPU fraction).
+    # The trial driver holds no CPU, so the Train workers can take all of them; Ray refuses
+    # an empty request, hence a token amount of (logical) memory.
     trainable = tune.with_parameters(
-        tune.with_resources(run_trial, {"cpu": DRIVER_CPU}), context=context
+        tune.with_resources(run_trial, DRIVER_RESOURCES), context=context
     )
     run_config = tune.RunConfig(
         name=sweep_id,

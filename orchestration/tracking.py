@@ -325,6 +325,13 @@ class Tracker:
             self.set_tags(run_id, {TAG_FAILURE: reason})
         with_retries(lambda: self.client.set_terminated(run_id, status=status), what="run end")
 
+    def failure_reason(self, run_id: str) -> str | None:
+        """The reason tagged on a FAILED run; None when the run has not failed."""
+        run = with_retries(lambda: self.client.get_run(run_id), what="run lookup")
+        if run.info.status != "FAILED":
+            return None
+        return run.data.tags.get(TAG_FAILURE, "the trial failed")
+
     def run_status(self, run_id: str) -> str:
         return with_retries(lambda: self.client.get_run(run_id).info.status, what="run lookup")
 

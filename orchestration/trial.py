@@ -161,6 +161,10 @@ def run_trial(tune_config: dict[str, Any], context: SweepContext) -> None:
             tracker.end_run(run_id, "FAILED", reason=reason)
         raise TrialFailure(reason)
     if tracker is not None and run_id is not None:
+        # A worker that hit a non-finite loss ended the run FAILED itself (see worker.py).
+        reason = tracker.failure_reason(run_id)
+        if reason is not None:
+            raise TrialFailure(reason)
         checkpoint = result.checkpoint
         if checkpoint is not None:
             tracker.set_tags(

@@ -89,6 +89,17 @@ class MlflowTrialLogger(Callback):
         if state.status == "finished" and self.trainer is not None:
             self._log_artifacts(metrics)
 
+    def fail(self, reason: str) -> None:
+        """End the run FAILED with ``reason`` tagged (the trial cannot succeed)."""
+        from orchestration.tracking import TAG_FAILURE
+
+        self.buffer.close(timeout=self.flush_timeout)
+        first_line = reason.strip().splitlines()[0][:2000] if reason.strip() else reason
+        with_retries(lambda: self.client.set_tag(self.run_id, TAG_FAILURE, first_line), what="tag")
+        with_retries(
+            lambda: self.client.set_terminated(self.run_id, status="FAILED"), what="run end"
+        )
+
     # ---- helpers ----------------------------------------------------------------------------
 
     def _highest_logged_step(self) -> int:
@@ -124,7 +135,12 @@ class MlflowTrialLogger(Callback):
                         timeout=self.flush_timeout,
                     )
             samples = folder / "validation_samples"
-            if draw_validation_samples(trainer, samples, VALIDATION_SAMPLES):
+            try:
+                drawn = draw_validation_samples(trainer, samples, VALIDATION_SAMPLES)
+            except Exception as error:  # a picture is not worth failing a finished trial
+                logger.warning("validation samples not drawn: %s", error)
+                drawn = 0
+            if drawn:
                 with_retries(
                     lambda: self.client.log_artifacts(
                         self.run_id, str(samples), "validation_samples"

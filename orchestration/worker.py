@@ -94,7 +94,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank = context.get_world_rank()
     work_dir = Path(loop_config["work_dir"])
-    callbacks: list[Callback] = [RayReporter(loop_config["ranking_metric"])]
+    reporter = RayReporter(loop_config["ranking_metric"])
+    callbacks: list[Callback] = [reporter]
     logger = None
     if rank == 0 and loop_config.get("run_id"):
         logger = MlflowTrialLogger(
@@ -122,4 +123,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     except NonFiniteLossError as error:
         # Every rank raises it together (the engine agrees on it first); ending the loop with
         # a report, not an exception, keeps Ray from restarting a run that would repeat it.
-        ray.train.report({NONFINITE_KEY: str(error), "epoch": trainer.state.epochs_completed})
+        # Ray's Result only keeps the metrics of checkpointed reports, so rank 0 also marks
+        # the MLflow run FAILED with the reason, which is where the trial driver looks.
+        if logger is not None:
+            logger.fail(str(error))
+        ray.train.report(
+            {
+                NONFINITE_KEY: str(error),
+                "epoch": trainer.state.epochs_completed,
+                "score": reporter.score,
+            }
+        )

@@ -1,0 +1,325 @@
+"""Real services for the integration tests, one of each per test session.
+
+- an S3 server on 127.0.0.1 (moto's server mode) with a test bucket;
+- an ``mlflow server`` process on 127.0.0.1 (SQLite store) whose artifacts go to that S3
+  (``--artifacts-destination``), restartable on the same port for the outage test;
+- a Ray head started with ``ray start`` (2 CPUs); sweeps reach it through ``RAY_ADDRESS``.
+
+Starting Ray (~25 s) and MLflow (~17 s) once per session keeps the suite within CI's time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+VENV_BIN = Path(sys.executable).parent
+BUCKET = "autoassign-it"
+SECRET_KEY = "it-secret-key-5f2b9c"
+"""The S3 secret of the session: it must never appear in a run, an artifact or a log."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+
+
+@pytest.fixture(scope="session")
+def aws_env() -> dict[str, str]:
+    return {
+        "AWS_ACCESS_KEY_ID": "it-access-key",
+        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+    }
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    env: dict[str, str]
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, **self._credentials())
+
+    def _credentials(self) -> dict[str, str]:
+        return {
+            "aws_access_key_id": self.env["AWS_ACCESS_KEY_ID"],
+            "aws_secret_access_key": self.env["AWS_SECRET_ACCESS_KEY"],
+            "region_name": self.env["AWS_DEFAULT_REGION"],
+        }
+
+    def keys(self, prefix: str = "") -> list[str]:
+        paginator = self.client().get_paginator("list_objects_v2")
+        keys = []
+        for page in paginator.paginate(Bucket=BUCKET, Prefix=prefix):
+            keys += [item["Key"] for item in page.get("Contents", [])]
+        return keys
+
+
+@pytest.fixture(scope="session")
+def s3_server(aws_env) -> Iterator[S3Server]:
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per S3 request otherwise
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    s3 = S3Server(endpoint=f"http://127.0.0.1:{port}", env=aws_env)
+    s3.client().create_bucket(Bucket=BUCKET)
+    yield s3
+    server.stop()
+
+
+@dataclass
+class MlflowServer:
+    """``mlflow server`` on 127.0.0.1 that can be stopped and started again on its port."""
+
+    port: int
+    store: Path
+    env: dict[str, str]
+    log: Path
+    process: subprocess.Popen | None = field(default=None)
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        command = [
+            str(VENV_BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{self.store}",
+            "--artifacts-destination",
+            f"s3://{BUCKET}/mlflow",
+        ]
+        handle = self.log.open("a")
+        self.process = subprocess.Popen(
+            command, env=self.env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        wait_for_http(f"{self.uri}/health", timeout=120)
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.process = None
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(self.uri)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory, s3_server) -> Iterator[MlflowServer]:
+    folder = tmp_path_factory.mktemp("mlflow")
+    env = {**os.environ, **s3_server.env, "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint}
+    server = MlflowServer(free_port(), folder / "mlflow.db", env, folder / "server.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+RAY_LOOPBACK_ENV = {
+    # Keep every Ray address on 127.0.0.1 (Ray otherwise advertises the machine's network IP).
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    # `ray start` turns token authentication on; clients then read ~/.ray/auth_token.
+    "RAY_AUTH_MODE": "token",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+@dataclass
+class RayCluster:
+    address: str
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory, s3_server) -> Iterator[RayCluster]:
+    port = free_port()
+    env = {**os.environ, **s3_server.env, **RAY_LOOPBACK_ENV}
+    env.pop("RAY_ADDRESS", None)
+    subprocess.run(
+        [
+            str(VENV_BIN / "ray"),
+            "start",
+            "--head",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--num-cpus",
+            "2",
+            "--num-gpus",
+            "0",
+            "--include-dashboard",
+            "false",
+            "--object-store-memory",
+            str(1_000_000_000),
+            "--disable-usage-stats",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
+    yield RayCluster(address=f"127.0.0.1:{port}")
+    subprocess.run(
+        [str(VENV_BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120
+    )
+
+
+@dataclass
+class SweepRunner:
+    """Writes sweep configs and runs ``python -m orchestration.sweep`` against the services."""
+
+    folder: Path
+    env: dict[str, str]
+
+    def write(self, name: str, config: dict) -> Path:
+        path = self.folder / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        return path
+
+    def start(self, config: Path, *args: str) -> subprocess.Popen:
+        log = config.with_suffix(".log").open("a")
+        return subprocess.Popen(
+            [sys.executable, "-m", "orchestration.sweep", str(config), *args],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.folder,
+        )
+
+    def run(self, config: Path, *args: str, timeout: float = 900) -> tuple[int, str]:
+        process = self.start(config, *args)
+        try:
+            code = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+        return code, config.with_suffix(".log").read_text()
+
+
+@pytest.fixture(scope="session")
+def sweep_runner(tmp_path_factory, s3_server, mlflow_server, ray_cluster) -> SweepRunner:
+    folder = tmp_path_factory.mktemp("sweeps")
+    env = {
+        **os.environ,
+        **s3_server.env,
+        **RAY_LOOPBACK_ENV,
+        "RAY_ADDRESS": ray_cluster.address,
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return SweepRunner(folder, env)
+
+
+def tiny_sweep(
+    name: str,
+    folder: Path,
+    *,
+    mlflow_uri: str,
+    s3_endpoint: str,
+    datasets: list[dict],
+    epochs: int = 2,
+    search_space: dict | None = None,
+    workers: int = 1,
+    train: dict | None = None,
+    search: dict | None = None,
+) -> dict:
+    """A sweep small enough for a test: a narrow ResNet-18/GN detector at 128 px."""
+    return {
+        "name": name,
+        "base": {
+            "model": {
+                "backbone": {"depth": 18, "style": "pytorch", "norm": "gn", "frozen_stages": -1},
+                "fpn_channels": 64,
+                "head": {"num_convs": 1},
+                "input": {"min_size": 128, "max_size": 128},
+            },
+            "data": {"batch_size": 2, "num_workers": 0},
+            "train": {
+                "lr": 0.01,
+                "base_batch_size": 2,
+                "warmup_iters": 5,
+                "schedule": None,
+                "epochs": epochs,
+                "milestones": [epochs],
+                "grad_clip_norm": 10.0,
+                "log_every_iters": 1,
+                **(train or {}),
+            },
+            "eval": {"every_epochs": 1, "batch_size": 2},
+            "device": "cpu",
+        },
+        "datasets": datasets,
+        "search_space": search_space or {},
+        "search": search or {},
+        "resources": {"workers_per_trial": workers, "cpus_per_worker": 1, "max_failures": 2},
+        "tracking": {"uri": mlflow_uri},
+        "storage": {"path": f"s3://{BUCKET}/ray", "endpoint_url": s3_endpoint},
+        "output_dir": str(folder / name),
+    }
+
+
+def synthetic(name: str, format: str, folder: Path, *, images: int = 8, classes: int = 1) -> dict:
+    return {
+        "name": name,
+        "format": format,
+        "root": str(folder / "data" / name),
+        "num_classes": classes,
+        "synthetic": {"images": images, "image_size": 128, "num_classes": classes}
+        if format != "voc"
+        else {"images": images, "image_size": 128},
+    }
+
+
+def read_json(path: Path) -> object:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,199 @@
+"""Failures caused for real while a sweep runs: a SIGKILLed Ray Train worker, a SIGKILLed
+sweep driver (then ``--resume``), and the MLflow server down for 30 s.
+
+Each test polls the MLflow server to know where the trial is, then does the damage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.integration.conftest import synthetic, tiny_sweep
+
+pytestmark = pytest.mark.integration
+
+
+def wait_until(predicate, *, timeout: float, every: float = 0.5, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def trial_runs(client, experiment: str) -> list:
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    runs = client.search_runs([found.experiment_id], max_results=100)
+    return [r for r in runs if r.data.tags.get("autoassign.kind") == "trial"]
+
+
+def epochs_logged(client, run_id: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in client.get_metric_history(run_id, "epoch")]
+
+
+def train_worker_pids() -> list[int]:
+    out = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True, text=True)
+    return [int(pid) for pid in out.stdout.split()]
+
+
+def assert_each_step_once(client, run_id: str, key: str, expected: list[int]) -> None:
+    steps = [m.step for m in client.get_metric_history(run_id, key)]
+    assert sorted(steps) == expected, f"{key}: {steps}"
+
+
+def test_killed_worker_is_replaced_and_continues_into_the_same_run(
+    sweep_runner, mlflow_server, s3_server
+):
+    folder = sweep_runner.folder
+    name = "it-worker-kill"
+    config = tiny_sweep(
+        name,
+        folder,
+        mlflow_uri=mlflow_server.uri,
+        s3_endpoint=s3_server.endpoint,
+        datasets=[synthetic("kill-shapes", "coco", folder, images=16, classes=2)],
+        epochs=5,
+    )
+    path = sweep_runner.write(name, config)
+    process = sweep_runner.start(path)
+    client = mlflow_server.client()
+    try:
+        run = wait_until(
+            lambda: next(
+                (r for r in trial_runs(client, name) if epochs_logged(client, r.info.run_id)), None
+            ),
+            timeout=300,
+            what="the first epoch of the trial",
+        )
+        pids = train_worker_pids()
+        assert pids, "no Ray Train worker process found"
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        code = process.wait(timeout=600)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    log = path.with_suffix(".log").read_text()
+    assert code == 0, log[-4000:]
+    runs = trial_runs(client, name)
+    assert len(runs) == 1 and runs[0].info.run_id == run.info.run_id
+    assert runs[0].info.status == "FINISHED"
+    # 16 images / batch 2 = 8 steps per epoch; epochs logged once each at their last step.
+    assert [value for _, value in epochs_logged(client, run.info.run_id)] == [1, 2, 3, 4, 5]
+    assert_each_step_once(client, run.info.run_id, "train/loss", list(range(1, 41)))
+    assert_each_step_once(client, run.info.run_id, "bbox_mAP", [8, 16, 24, 32, 40])
+    # The replacement worker restored a checkpoint: it did not start from iteration 0.
+    starts = [line for line in log.splitlines() if "starting at iteration" in line]
+    assert len(starts) >= 2 and not starts[-1].rstrip().endswith("starting at iteration 0")
+
+
+def test_resume_after_the_driver_was_killed(sweep_runner, mlflow_server, s3_server):
+    folder = sweep_runner.folder
+    name = "it-driver-kill"
+    config = tiny_sweep(
+        name,
+        folder,
+        mlflow_uri=mlflow_server.uri,
+        s3_endpoint=s3_server.endpoint,
+        datasets=[synthetic("resume-shapes", "coco", folder, images=8, classes=2)],
+        epochs=4,
+        search_space={"model.center_prior.sigma_init": {"grid": [1.0, 1.5]}},
+        search={"max_concurrent_trials": 1},
+    )
+    path = sweep_runner.write(name, config)
+    process = sweep_runner.start(path)
+    client = mlflow_server.client()
+
+    def first_done_second_started():
+        runs = trial_runs(client, name)
+        done = [r for r in runs if r.info.status == "FINISHED"]
+        going = [r for r in runs if r.info.status == "RUNNING"]
+        if done and going and epochs_logged(client, going[0].info.run_id):
+            return done[0], going[0]
+        return None
+
+    try:
+        finished, interrupted = wait_until(
+            first_done_second_started, timeout=400, what="one finished and one started trial"
+        )
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    manifest = json.loads((folder / name / "manifest.json").read_text())
+    assert manifest["status"] == "running"  # the driver never got to close anything
+    finished_history = epochs_logged(client, finished.info.run_id)
+
+    code, log = sweep_runner.run(path, "--resume")
+    assert code == 0, log[-4000:]
+    runs = trial_runs(client, name)
+    assert sorted(r.info.run_id for r in runs) == sorted(
+        [finished.info.run_id, interrupted.info.run_id]
+    ), "a resumed sweep opened new runs"
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert epochs_logged(client, finished.info.run_id) == finished_history  # not rerun
+    assert [v for _, v in epochs_logged(client, interrupted.info.run_id)] == [1, 2, 3, 4]
+    manifest = json.loads((folder / name / "manifest.json").read_text())
+    assert manifest["status"] == "finished"
+    parents = [
+        r
+        for r in client.search_runs(
+            [client.get_experiment_by_name(name).experiment_id], max_results=100
+        )
+        if r.data.tags.get("autoassign.kind") == "sweep"
+    ]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+
+
+def test_mlflow_outage_of_30_seconds_loses_nothing(sweep_runner, mlflow_server, s3_server):
+    folder = sweep_runner.folder
+    name = "it-outage"
+    config = tiny_sweep(
+        name,
+        folder,
+        mlflow_uri=mlflow_server.uri,
+        s3_endpoint=s3_server.endpoint,
+        datasets=[synthetic("outage-shapes", "coco", folder, images=32, classes=2)],
+        epochs=8,
+    )
+    path = sweep_runner.write(name, config)
+    process = sweep_runner.start(path)
+    client = mlflow_server.client()
+    try:
+        run = wait_until(
+            lambda: next(
+                (r for r in trial_runs(client, name) if epochs_logged(client, r.info.run_id)), None
+            ),
+            timeout=300,
+            what="the first epoch of the trial",
+        )
+        mlflow_server.stop()
+        time.sleep(30)
+        still_training = process.poll() is None
+        mlflow_server.start()
+        code = process.wait(timeout=600)
+    finally:
+        if mlflow_server.process is None:
+            mlflow_server.start()
+        if process.poll() is None:
+            process.kill()
+    log = path.with_suffix(".log").read_text()
+    assert still_training, "the trial ended during the outage: make it longer"
+    assert code == 0, log[-4000:]
+    run_id = run.info.run_id
+    assert client.get_run(run_id).info.status == "FINISHED"
+    # 32 images / batch 2 = 16 steps per epoch, 8 epochs: every step and epoch arrived.
+    assert_each_step_once(client, run_id, "train/loss", list(range(1, 129)))
+    assert [v for _, v in epochs_logged(client, run_id)] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert "MLflow unreachable" in log

@@ -1,0 +1,146 @@
+"""A small sweep end to end on real services: Ray (2-worker gloo DDP trials), an MLflow
+server with artifacts on S3, Ray checkpoints on S3.
+
+Two synthetic datasets (COCO and WiderFace formats) x a learning-rate grid whose second value
+(1e8) makes the loss non-finite: the sweep must finish the good trials, fail the bad ones
+alone with the library's reason, and record all of it in MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.integration.conftest import BUCKET, SECRET_KEY, synthetic, tiny_sweep
+
+pytestmark = pytest.mark.integration
+
+GOOD_LR, BAD_LR = 0.01, 1.0e8
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(sweep_runner, mlflow_server, s3_server):
+    folder = sweep_runner.folder
+    config = tiny_sweep(
+        "it-main",
+        folder,
+        mlflow_uri=mlflow_server.uri,
+        s3_endpoint=s3_server.endpoint,
+        datasets=[
+            synthetic("shapes", "coco", folder, images=8, classes=2),
+            synthetic("faces", "widerface", folder, images=8),
+        ],
+        search_space={"train.lr": {"grid": [GOOD_LR, BAD_LR]}},
+        workers=2,
+    )
+    path = sweep_runner.write("it-main", config)
+    code, log = sweep_runner.run(path)
+    output = folder / "it-main"
+    return {"code": code, "log": log, "output": output, "config": config}
+
+
+def _runs(mlflow_server, experiment="it-main"):
+    client = mlflow_server.client()
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    return client, client.search_runs([experiment_id], max_results=100)
+
+
+def test_sweep_exits_zero_and_writes_leaderboard(finished_sweep):
+    assert finished_sweep["code"] == 0, finished_sweep["log"][-4000:]
+    assert "Traceback" not in finished_sweep["log"].split("leaderboard")[-1]
+    board = json.loads((finished_sweep["output"] / "leaderboard.json").read_text())
+    assert [row["dataset"] for row in board] == ["shapes", "faces"]
+    for row in board:
+        assert row["status"] == "ok"
+        assert row["trials"] == 2 and row["failed"] == 1
+        assert row["params"]["train.lr"] == GOOD_LR
+        assert row["checkpoint"].startswith(f"s3://{BUCKET}/ray/")
+        assert 0.0 <= row["value"] <= 1.0
+    assert board[0]["metric"] == "bbox_mAP" and board[1]["metric"] == "AP_hard"
+    assert "leaderboard (best trial per dataset)" in finished_sweep["log"]
+    manifest = json.loads((finished_sweep["output"] / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and len(manifest["trials"]) == 4
+
+
+def test_parent_and_child_runs(finished_sweep, mlflow_server):
+    client, runs = _runs(mlflow_server)
+    parents = [r for r in runs if r.data.tags.get("autoassign.kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("autoassign.kind") == "trial"]
+    assert len(parents) == 1 and len(children) == 4
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["search_space.train.lr"] == f"grid [{GOOD_LR}, {BAD_LR}]"
+    assert "versions.torch" in parent.data.params
+    parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"leaderboard.json", "sweep_resolved.yaml", "it-main.yaml"} <= parent_artifacts
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.data.tags["autoassign.sweep_id"] == parent.data.tags["autoassign.sweep_id"]
+        dataset = child.data.params["dataset"]
+        assert child.data.tags["autoassign.dataset"] == dataset
+        assert child.info.run_name.startswith(f"{dataset}·lr=")
+        inputs = [d.dataset.name for d in child.inputs.dataset_inputs]
+        assert inputs == [f"{dataset} ({'coco' if dataset == 'shapes' else 'widerface'} train)"]
+        assert float(child.data.params["train.lr"]) in (GOOD_LR, BAD_LR)
+        assert child.data.params["model.center_prior.sigma_init"] == "[1.0, 1.0]"
+
+
+def test_good_trials_log_every_step_and_epoch_once(finished_sweep, mlflow_server):
+    client, runs = _runs(mlflow_server)
+    good = [r for r in runs if r.data.params.get("train.lr") == str(GOOD_LR)]
+    assert len(good) == 2
+    for run in good:
+        assert run.info.status == "FINISHED"
+        run_id = run.info.run_id
+        # 8 train images / (batch 2 x 2 workers) = 2 steps per epoch, 2 epochs, logged every step.
+        steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+        assert steps == [1, 2, 3, 4]
+        epochs = client.get_metric_history(run_id, "epoch")
+        assert [(m.step, m.value) for m in epochs] == [(2, 1.0), (4, 2.0)]
+        metric = "bbox_mAP" if run.data.params["dataset"] == "shapes" else "AP_hard"
+        assert [m.step for m in client.get_metric_history(run_id, metric)] == [2, 4]
+        artifacts = {a.path for a in client.list_artifacts(run_id)}
+        assert {
+            "config.yaml",
+            "final_metrics.json",
+            "per_class_ap.json",
+            "center_prior.png",
+            "center_prior.json",
+            "validation_samples",
+        } <= artifacts
+        samples = client.list_artifacts(run_id, "validation_samples")
+        assert 1 <= len(samples) <= 3
+        assert run.data.tags["autoassign.checkpoint_uri"].startswith(f"s3://{BUCKET}/ray/")
+
+
+def test_nonfinite_trials_fail_alone_with_reason(finished_sweep, mlflow_server):
+    _, runs = _runs(mlflow_server)
+    bad = [r for r in runs if r.data.params.get("train.lr") == str(BAD_LR)]
+    assert len(bad) == 2
+    for run in bad:
+        assert run.info.status == "FAILED"
+        reason = run.data.tags["autoassign.failure_reason"]
+        assert "non-finite" in reason and "iteration" in reason
+
+
+def test_artifacts_and_checkpoints_are_on_s3(finished_sweep, s3_server):
+    artifact_keys = s3_server.keys("mlflow/")
+    assert any(key.endswith("center_prior.png") for key in artifact_keys)
+    checkpoint_keys = [k for k in s3_server.keys("ray/") if k.endswith("/checkpoint.pt")]
+    # Two good trials with 2 epochs each, at most storage.num_to_keep (2) kept per trial.
+    assert 2 <= len(checkpoint_keys) <= 4
+    assert not any("/trials/" in key for key in checkpoint_keys)
+
+
+def test_no_secret_in_runs_artifacts_or_logs(finished_sweep, mlflow_server, s3_server):
+    assert SECRET_KEY not in finished_sweep["log"]
+    client, runs = _runs(mlflow_server)
+    for run in runs:
+        values = [*run.data.params.values(), *run.data.tags.values()]
+        assert not any(SECRET_KEY in str(value) for value in values)
+    s3 = s3_server.client()
+    for key in s3_server.keys("mlflow/"):
+        if key.endswith((".yaml", ".json")):
+            body = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read().decode()
+            assert SECRET_KEY not in body, key
