@@ -24,9 +24,13 @@ the run stops early or fails (``state.status`` says which). Files under ``output
     center_prior.png/json  the learned center priors per class
 
 Non-finite values are agreed on by all ranks before anyone acts: each step, every rank
-contributes a flag (its head outputs, parameters or loss not finite) to one all-reduce
-before backward, so under ``train.on_nonfinite_loss: error`` every rank raises and under
-``skip`` every rank skips the step.
+contributes a flag (its head outputs, parameters or loss not finite, or its forward pass
+failed) to one all-reduce before backward, so under ``train.on_nonfinite_loss: error`` every
+rank raises and under ``skip`` every rank skips the step. Nothing a rank finds is raised
+before a collective the other ranks are in: every rank always runs the same collectives in
+the same order (the loss's normaliser all-reduce, the flag, the mean of the losses, DDP's
+gradient buckets, the evaluation's gather and broadcast, the checkpoint's broadcast),
+whatever became non-finite on which rank.
 """
 
 from __future__ import annotations
@@ -79,8 +83,14 @@ logger = logging.getLogger(__name__)
 LOSS_TERMS = ("loss_pos", "loss_neg", "loss_center")
 LOSS_NAMES = ("loss", *LOSS_TERMS)
 
-# What a rank reports about its step (see Trainer._local_code).
-_FINITE, _NONFINITE_LOSS, _NONFINITE_HEAD, _FORWARD_FAILED = 0, 1, 2, 3
+# What a rank reports about its step (see Trainer._local_code), worst last.
+_FINITE, _NONFINITE_LOSS, _NONFINITE_HEAD, _FORWARD_FAILED, _FORWARD_ERROR = 0, 1, 2, 3, 4
+
+# The one collective of the model's training forward pass: the loss's normaliser all-reduce
+# (``autoassign.model.loss``: number of boxes and prior mass, one [2] float32 tensor, after
+# everything in the forward pass that can raise). A rank whose forward pass raised joins it
+# in place of the loss (see Trainer._join_loss_collective).
+_LOSS_COLLECTIVE_SIZE = 2
 
 
 def seed_everything(seed: int) -> None:
@@ -91,14 +101,17 @@ def seed_everything(seed: int) -> None:
 
 
 class _HeadOutputGuard:
-    """Forward hook on the head (training only): replaces NaN / inf outputs by zeros and
-    remembers that it did, in :attr:`nonfinite` (a 0-dim bool tensor, no host sync).
+    """Forward hook on the head and on its center prior (training only): replaces NaN / inf
+    outputs by zeros and remembers that it did, in :attr:`nonfinite` (a 0-dim bool tensor,
+    no host sync).
 
     The losses' binary cross-entropy rejects NaN probabilities with an unrelated error (a
-    device-side assert on CUDA), so non-finite values are neutralised where they appear. The
-    hook never raises: under DDP the other ranks would wait forever in a collective. The
-    forward pass goes on with finite values and the trainer decides, with all ranks, what to
-    do with the step (it is never applied).
+    device-side assert on CUDA), and it runs before the loss's all-reduce, so non-finite
+    values are neutralised where they appear: the head's outputs, and the prior (computed
+    from the ``mean`` / ``sigma`` parameters inside the loss, for the classes of this rank's
+    boxes only). The hook never raises: under DDP the other ranks would wait in a
+    collective. The forward pass goes on with finite values and the trainer decides, with
+    all ranks, what to do with the step (it is never applied).
     """
 
     def __init__(self) -> None:
@@ -123,8 +136,21 @@ class _HeadOutputGuard:
 
         sanitised = _map_tensors(outputs, sanitise)
         if flags:
-            self.nonfinite = torch.stack(flags).any()
+            tripped = torch.stack(flags).any()
+            self.nonfinite = tripped if self.nonfinite is None else self.nonfinite | tripped
         return sanitised
+
+
+class _ForwardFailure:
+    """A training forward pass that raised on this rank: the error, and whether non-finite
+    values explain it (head outputs or prior replaced, or parameters not finite)."""
+
+    def __init__(self, error: Exception, nonfinite: bool):
+        self.error, self.nonfinite = error, nonfinite
+
+    def line(self) -> str:
+        lines = str(self.error).strip().splitlines()
+        return lines[0] if lines else type(self.error).__name__
 
 
 def _map_tensors(value: Any, fn: Any) -> Any:
@@ -243,6 +269,8 @@ class Trainer:
         self.detector = model
         if hasattr(model, "head"):
             model.head.register_forward_hook(self._head_guard)
+            if isinstance(getattr(model.head, "center_prior", None), nn.Module):
+                model.head.center_prior.register_forward_hook(self._head_guard)
         if dist_utils.is_distributed():
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.model: nn.Module = DistributedDataParallel(model, device_ids=device_ids)
@@ -427,13 +455,13 @@ class Trainer:
             }
             for target in batch.targets
         ]
-        total, values, forward_error = self._forward(images, targets, batch.image_sizes)
-        codes = dist_utils.max_per_rank(self._local_code(values, forward_error))
+        total, values, failure = self._forward(images, targets, batch.image_sizes)
+        codes = dist_utils.max_per_rank(self._local_code(values, failure))
         reduced = dist_utils.mean_across_ranks(values).tolist()
         losses = dict(zip(LOSS_NAMES, reduced))
         if bool(codes.any()):
             self.optimizer.zero_grad(set_to_none=True)
-            return self._nonfinite_losses(codes, losses, forward_error)  # raises unless skipping
+            return self._nonfinite_losses(codes, losses, failure)  # raises unless skipping
 
         self.optimizer.zero_grad(set_to_none=True)
         self.grad_scaler.scale(total).backward()
@@ -456,50 +484,76 @@ class Trainer:
 
     def _forward(
         self, images: torch.Tensor, targets: list[dict], image_sizes: Any
-    ) -> tuple[torch.Tensor | None, torch.Tensor, str | None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor, _ForwardFailure | None]:
         """The training forward pass: ``(total loss, [4] float32 loss values (total, then
-        LOSS_TERMS), None)``, or ``(None, [4] NaN, error line)`` when it failed on non-finite
-        values (the loss rejects NaN probabilities). Other errors propagate."""
+        LOSS_TERMS), None)``, or ``(None, [4] NaN, the failure)`` when it raised.
+
+        Nothing is raised here: a rank whose forward pass fails (the loss rejecting NaN
+        probabilities, a box op on NaN boxes, any other error) joins the collective the
+        others are in (:meth:`_join_loss_collective`) and reports the failure in the step's
+        flag; :meth:`_nonfinite_losses` then raises (or skips) on every rank alike.
+        """
         self._head_guard.reset()
         try:
             with self._autocast():
                 loss_dict = self.model(images, targets, image_sizes=image_sizes)
-        except RuntimeError as error:
-            if not self._head_guard.tripped() and self._parameters_finite():
-                raise
+            total = sum(loss_dict[name] for name in LOSS_TERMS)
+            values = torch.stack([total.detach()] + [loss_dict[n].detach() for n in LOSS_TERMS])
+        except Exception as error:
+            nonfinite = self._head_guard.tripped() or not self._parameters_finite()
+            self._join_loss_collective()
             failed = torch.full((len(LOSS_NAMES),), math.nan, device=self.device)
-            return None, failed, str(error).strip().splitlines()[0]
-        total = sum(loss_dict[name] for name in LOSS_TERMS)
-        values = torch.stack([total.detach()] + [loss_dict[n].detach() for n in LOSS_TERMS])
+            return None, failed, _ForwardFailure(error, nonfinite)
         return total, values.float(), None
 
-    def _local_code(self, values: torch.Tensor, forward_error: str | None) -> torch.Tensor:
+    def _join_loss_collective(self) -> None:
+        """Take part, with NaN, in the loss's normaliser all-reduce that this rank's failed
+        forward pass did not reach, so that the other ranks' next collective (the step's
+        flag) meets this rank's. The NaN makes their losses non-finite too."""
+        if dist_utils.is_distributed():
+            stand_in = torch.full(
+                (_LOSS_COLLECTIVE_SIZE,), math.nan, dtype=torch.float32, device=self.device
+            )
+            torch.distributed.all_reduce(stand_in)
+
+    def _local_code(self, values: torch.Tensor, failure: _ForwardFailure | None) -> torch.Tensor:
         """This rank's verdict on its step, a 0-dim int64 tensor (no host sync): 0 finite,
-        1 non-finite loss, 2 non-finite head outputs (replaced by the hook), 3 forward pass
-        failed on non-finite values."""
-        if forward_error is not None:
-            return torch.tensor(_FORWARD_FAILED, device=self.device)
+        1 non-finite loss, 2 non-finite head outputs or prior (replaced by the hook), 3 forward
+        pass failed on non-finite values, 4 forward pass failed otherwise."""
+        if failure is not None:
+            code = _FORWARD_FAILED if failure.nonfinite else _FORWARD_ERROR
+            return torch.tensor(code, device=self.device)
         code = torch.where(torch.isfinite(values).all(), _FINITE, _NONFINITE_LOSS)
         if self._head_guard.nonfinite is not None:
             code = torch.where(self._head_guard.nonfinite, _NONFINITE_HEAD, code)
         return code
 
     def _nonfinite_losses(
-        self, codes: torch.Tensor, losses: dict[str, float], forward_error: str | None
+        self, codes: torch.Tensor, losses: dict[str, float], failure: _ForwardFailure | None
     ) -> dict[str, float]:
         """Raise for (or count, when skipping) a step some rank found non-finite; ``codes``
         holds each rank's :meth:`_local_code`. Returns the losses to report (NaN when they
-        were computed on replaced values)."""
+        were computed on replaced values).
+
+        A forward pass that failed with finite values is an error whatever the policy: the
+        rank where it failed raises it as is, the others a RuntimeError naming that rank."""
         per_rank = codes.tolist()
         worst = max(per_rank)
         ranks = _ranks([rank for rank, code in enumerate(per_rank) if code == worst])
+        if worst == _FORWARD_ERROR:
+            if failure is not None and not failure.nonfinite:
+                raise failure.error
+            raise RuntimeError(
+                f"{self._where()}: the forward pass failed on rank(s) {ranks} (see the error "
+                "there); this rank stops with it"
+            )
         if worst == _NONFINITE_LOSS:
             what = f"loss on rank(s) {ranks}"
         else:
             losses = {name: math.nan for name in losses}
             what = f"head outputs or parameters on rank(s) {ranks}, so no finite loss"
-            if forward_error is not None:
-                what += f"; the forward pass failed: {forward_error}"
+            if failure is not None:
+                what += f"; the forward pass failed: {failure.line()}"
         self._nonfinite(what, losses)
         return losses
 
@@ -548,36 +602,74 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Run the val split through the detector and score it with the dataset's evaluator.
 
-        Every rank returns the same metrics (rank 0 computes them).
+        Every rank returns the same metrics (rank 0 computes them). Detections with a NaN or
+        infinite box or score (weights gone non-finite) are left out, with a warning. Every
+        rank takes the same collectives whatever its model produced: an error while running
+        the detector on a rank is agreed on first, then raised on every rank (as is where it
+        happened, as a RuntimeError naming that rank elsewhere).
         """
         self.setup()
         detector = self.detector
         was_training = detector.training
         detector.eval()
-        self.evaluator.reset()
+        try:
+            self.evaluator.reset()
+            error: Exception | None = None
+            dropped = 0
+            try:
+                dropped = self._predict_val_split()
+            except Exception as raised:
+                error = raised
+            flag = torch.tensor(int(error is not None), device=self.device)
+            failed = dist_utils.max_per_rank(flag)
+            if bool(failed.any()):
+                if error is not None:
+                    raise error
+                ranks = _ranks([rank for rank, flag in enumerate(failed.tolist()) if flag])
+                raise RuntimeError(
+                    f"evaluation after epoch {self.state.epoch + 1}: running the detector "
+                    f"failed on rank(s) {ranks} (see the error there); this rank stops with it"
+                )
+            if dropped:
+                logger.warning(
+                    "evaluation after epoch %d: left out %d detection(s) with a NaN or "
+                    "infinite box or score on rank %d (non-finite weights?)",
+                    self.state.epoch + 1,
+                    dropped,
+                    self.rank,
+                )
+            metrics = {name: float(value) for name, value in self.evaluator.evaluate().items()}
+        finally:
+            detector.train(was_training)
+        return metrics
+
+    def _predict_val_split(self) -> int:
+        """Run this rank's share of the val split through the detector into the evaluator
+        (no collective); returns how many non-finite detections were left out."""
         records = self.val_dataset.records
+        dropped = 0
         for batch in self.eval_loader:
             images = batch.images.to(self.device, non_blocking=True)
             if self.use_cuda_features and self.config.train.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with self._autocast():
-                outputs = detector(
+                outputs = self.detector(
                     images, image_sizes=batch.image_sizes, original_sizes=batch.original_sizes
                 )
-            self.evaluator.process(
-                [
-                    {
-                        "file_name": records[index].file_name,
-                        "boxes": output["boxes"].float().cpu(),
-                        "scores": output["scores"].float().cpu(),
-                        "labels": output["labels"].cpu(),
-                    }
-                    for index, output in zip(batch.indices, outputs)
-                ]
-            )
-        metrics = {name: float(value) for name, value in self.evaluator.evaluate().items()}
-        detector.train(was_training)
-        return metrics
+            predictions = []
+            for index, output in zip(batch.indices, outputs):
+                boxes, scores = output["boxes"].float().cpu(), output["scores"].float().cpu()
+                labels = output["labels"].cpu()
+                finite = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores)
+                if not bool(finite.all()):
+                    dropped += int((~finite).sum())
+                    boxes, scores, labels = boxes[finite], scores[finite], labels[finite]
+                file_name = records[index].file_name
+                predictions.append(
+                    {"file_name": file_name, "boxes": boxes, "scores": scores, "labels": labels}
+                )
+            self.evaluator.process(predictions)
+        return dropped
 
     # ----------------------------------------------------------------------------------------
     # Checkpoints
@@ -622,13 +714,28 @@ class Trainer:
 
         Returns:
             ``directory``.
+
+        Raises:
+            CheckpointError: on the other ranks when rank 0 failed to write (rank 0 raises
+                its own error); every rank learns rank 0's outcome, none waits for it.
         """
         directory = Path(directory)
+        error: Exception | None = None
         if self.is_main:
-            save_checkpoint_dir(self.checkpoint_state(), directory)
-            if as_last:
-                update_last(self.checkpoint_dir, directory)
-        dist_utils.barrier()
+            try:
+                save_checkpoint_dir(self.checkpoint_state(), directory)
+                if as_last:
+                    update_last(self.checkpoint_dir, directory)
+            except Exception as raised:
+                error = raised
+        # In place of a barrier: rank 0's outcome, so that a failed write stops every rank.
+        outcome = dist_utils.broadcast_object(
+            None if error is None else f"{type(error).__name__}: {error}"
+        )
+        if error is not None:
+            raise error
+        if outcome is not None:
+            raise CheckpointError(f"rank 0 failed to write the checkpoint {directory}: {outcome}")
         return directory
 
     def _checkpoint(self, directory: Path) -> None:
