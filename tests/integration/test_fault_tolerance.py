@@ -67,14 +67,18 @@ def test_killed_worker_is_replaced_and_continues_into_the_same_run(
     path = sweep_runner.write(name, config)
     process = sweep_runner.start(path)
     client = mlflow_server.client()
+
+    def into_the_second_epoch():
+        for r in trial_runs(client, name):
+            epochs = epochs_logged(client, r.info.run_id)
+            steps = [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")]
+            if epochs and max(steps) >= epochs[0][0] + 2:
+                return r
+        return None
+
     try:
-        run = wait_until(
-            lambda: next(
-                (r for r in trial_runs(client, name) if epochs_logged(client, r.info.run_id)), None
-            ),
-            timeout=300,
-            what="the first epoch of the trial",
-        )
+        # Killed mid-epoch, two steps after the first epoch's checkpoint was reported.
+        run = wait_until(into_the_second_epoch, timeout=300, what="the second epoch")
         pids = train_worker_pids()
         assert pids, "no Ray Train worker process found"
         for pid in pids:
@@ -88,10 +92,12 @@ def test_killed_worker_is_replaced_and_continues_into_the_same_run(
     runs = trial_runs(client, name)
     assert len(runs) == 1 and runs[0].info.run_id == run.info.run_id
     assert runs[0].info.status == "FINISHED"
-    # 16 images / batch 2 = 8 steps per epoch; epochs logged once each at their last step.
-    assert [value for _, value in epochs_logged(client, run.info.run_id)] == [1, 2, 3, 4, 5]
-    assert_each_step_once(client, run.info.run_id, "train/loss", list(range(1, 41)))
-    assert_each_step_once(client, run.info.run_id, "bbox_mAP", [8, 16, 24, 32, 40])
+    epochs = epochs_logged(client, run.info.run_id)
+    assert [value for _, value in epochs] == [1, 2, 3, 4, 5]  # each epoch logged once
+    per_epoch = epochs[0][0]
+    assert [step for step, _ in epochs] == [per_epoch * e for e in range(1, 6)]
+    assert_each_step_once(client, run.info.run_id, "train/loss", list(range(1, 5 * per_epoch + 1)))
+    assert_each_step_once(client, run.info.run_id, "bbox_mAP", [s for s, _ in epochs])
     # The replacement worker restored a checkpoint: it did not start from iteration 0.
     starts = [line for line in log.splitlines() if "starting at iteration" in line]
     assert len(starts) >= 2 and not starts[-1].rstrip().endswith("starting at iteration 0")
@@ -193,7 +199,7 @@ def test_mlflow_outage_of_30_seconds_loses_nothing(sweep_runner, mlflow_server, 
     assert code == 0, log[-4000:]
     run_id = run.info.run_id
     assert client.get_run(run_id).info.status == "FINISHED"
-    # 32 images / batch 2 = 16 steps per epoch, 8 epochs: every step and epoch arrived.
-    assert_each_step_once(client, run_id, "train/loss", list(range(1, 129)))
-    assert [v for _, v in epochs_logged(client, run_id)] == [1, 2, 3, 4, 5, 6, 7, 8]
+    epochs = epochs_logged(client, run_id)
+    assert [v for _, v in epochs] == [1, 2, 3, 4, 5, 6, 7, 8]  # every epoch arrived, once
+    assert_each_step_once(client, run_id, "train/loss", list(range(1, epochs[-1][0] + 1)))
     assert "MLflow unreachable" in log
