@@ -90,7 +90,7 @@ class DatasetConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     format: Literal["coco", "voc", "objects365", "widerface"]
     root: Path
-    """The dataset folder; ``$VAR`` and ``${VAR}`` are expanded, ``~`` too."""
+    """The dataset folder; ``$VAR``, ``${VAR}``, ``${VAR:-default}`` and ``~`` are expanded."""
     train_split: str = "train"
     val_split: str = "val"
     num_classes: int = Field(gt=0)
@@ -102,11 +102,21 @@ class DatasetConfig(_Strict):
     synthetic: bool | SyntheticConfig = False
     """``true`` (or a mapping of options): write the embedded set at ``root`` if missing."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _remember_root_text(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("root"), str):
+            data = {**data, "root_variables": _ENV_PATTERN.findall(data["root"])}
+        return data
+
+    root_variables: list[str] = Field(default_factory=list, exclude=True, repr=False)
+    """The environment variables ``root`` names (filled in from it, for error messages)."""
+
     @field_validator("root", mode="before")
     @classmethod
     def _expand(cls, value: Any) -> Any:
         if isinstance(value, (str, Path)):
-            return Path(os.path.expanduser(os.path.expandvars(str(value))))
+            return Path(os.path.expanduser(expand_env(str(value))))
         return value
 
     @model_validator(mode="after")
@@ -292,6 +302,14 @@ class SweepConfig(_Strict):
 # --------------------------------------------------------------------------------------------
 
 _ENV_PATTERN = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
+_ENV_WITH_DEFAULT = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*):-([^}]*)\}")
+
+
+def expand_env(text: str) -> str:
+    """``$VAR``, ``${VAR}`` and ``${VAR:-default}`` from the environment (unset ones without a
+    default stay as written, so the error can name them)."""
+    text = _ENV_WITH_DEFAULT.sub(lambda m: os.environ.get(m.group(1)) or m.group(2), text)
+    return os.path.expandvars(text)
 
 
 def load_sweep_config(path: str | Path, overrides: Iterable[str] = ()) -> SweepConfig:
@@ -430,19 +448,14 @@ def check_dataset_folders(sweep: SweepConfig, *, source: str) -> None:
     for index, dataset in enumerate(sweep.datasets):
         if dataset.synthetic_options is not None or dataset.root.is_dir():
             continue
-        unset = unused_env_vars(str(dataset.root))
+        named = dataset.root_variables
         hint = (
-            f"set {' and '.join(unset)} to the folder holding it"
-            if unset
-            else "edit root in the file (or the environment variable it names)"
+            f"set {' and '.join(named)} to the folder holding it"
+            if named
+            else "edit root in the file"
         )
         raise ConfigError(
             f"{source}: datasets.{index}.root: the {dataset.name!r} dataset folder "
             f"{dataset.root} does not exist; {hint}, or set synthetic: true to use the "
             "embedded synthetic set"
         )
-
-
-def unused_env_vars(text: str) -> list[str]:
-    """Names of ``$VAR`` references in ``text`` that are not set (for a helpful message)."""
-    return [name for name in _ENV_PATTERN.findall(text) if name not in os.environ]

@@ -179,7 +179,7 @@ def test_missing_dataset_folder_with_a_set_variable(tmp_path):
     message = bad_config(tmp_path, text, env={"AUTOASSIGN_TEST_DATA": str(nowhere)})
     assert "bad.yaml: datasets.0.root: the 'voc07' dataset folder" in message
     assert f"{nowhere / 'VOC2007'} does not exist" in message
-    assert "edit root in the file" in message
+    assert "set AUTOASSIGN_TEST_DATA to the folder holding it" in message
     assert not nowhere.exists()
 
 
@@ -412,3 +412,27 @@ def test_per_dataset_batch_size_is_an_allowed_override(tmp_path):
     (tmp_path / "ok.yaml").write_text(text)
     sweep = load_sweep_config(tmp_path / "ok.yaml")
     assert trial_experiment(sweep, sweep.datasets[0], {}).data.batch_size == 8
+
+
+def test_multi_dataset_without_the_datasets_names_the_variable(tmp_path):
+    result = sweep_cli(
+        REPO / "configs" / "multi_dataset.yaml",
+        "--dry-run",
+        f"output_dir={tmp_path}/out",
+        cwd=tmp_path,
+        env={"COCO_ROOT": ""},
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "datasets.0.root: the 'coco' dataset folder data/coco does not exist" in result.stderr
+    assert "set COCO_ROOT" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_root_default_from_the_environment(tmp_path, monkeypatch):
+    (tmp_path / "sets" / "coco").mkdir(parents=True)
+    text = GOOD.replace("root: data/coco", "root: '${AUTOASSIGN_TEST_ROOT:-sets}/coco'")
+    (tmp_path / "s.yaml").write_text(text)
+    monkeypatch.delenv("AUTOASSIGN_TEST_ROOT", raising=False)
+    assert str(load_sweep_config(tmp_path / "s.yaml").datasets[0].root) == "sets/coco"
+    monkeypatch.setenv("AUTOASSIGN_TEST_ROOT", str(tmp_path / "sets"))
+    assert load_sweep_config(tmp_path / "s.yaml").datasets[0].root == tmp_path / "sets" / "coco"
