@@ -88,11 +88,27 @@ def run(args: argparse.Namespace) -> None:
         print(format_plan(sweep, scans, resolve_locations(sweep)))
         return
     manifest = read_manifest(sweep) if args.resume else None
+    make_paths_absolute(sweep)
     datasets.scan_all(sweep, write_synthetic=True, source=str(args.config))
     leaderboard = run_sweep(sweep, config_path=args.config, manifest=manifest)
     failed = [row["dataset"] for row in leaderboard if row["status"] == "failed"]
     if failed:
         raise SweepError(f"every trial failed for dataset(s): {', '.join(failed)}")
+
+
+def make_paths_absolute(sweep: SweepConfig) -> None:
+    """Relative paths mean relative to where the sweep was started, not to a Ray worker's
+    working directory: make dataset roots and weight files absolute before they travel."""
+    for dataset in sweep.datasets:
+        dataset.root = dataset.root.absolute()
+    model = sweep.base.model
+    if model.checkpoint is not None:
+        model.checkpoint = model.checkpoint.absolute()
+    if model.backbone.weights is not None:
+        model.backbone.weights = model.backbone.weights.absolute()
+    if sweep.base.eval.widerface_ground_truth is not None:
+        sweep.base.eval.widerface_ground_truth = sweep.base.eval.widerface_ground_truth.absolute()
+    sweep.base.data.extra_train_roots = [p.absolute() for p in sweep.base.data.extra_train_roots]
 
 
 # --------------------------------------------------------------------------------------------

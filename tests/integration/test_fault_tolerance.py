@@ -62,7 +62,7 @@ def test_killed_worker_is_replaced_and_continues_into_the_same_run(
         mlflow_uri=mlflow_server.uri,
         s3_endpoint=s3_server.endpoint,
         datasets=[synthetic("kill-shapes", "coco", folder, images=16, classes=2)],
-        epochs=5,
+        epochs=3,
     )
     path = sweep_runner.write(name, config)
     process = sweep_runner.start(path)
@@ -93,10 +93,10 @@ def test_killed_worker_is_replaced_and_continues_into_the_same_run(
     assert len(runs) == 1 and runs[0].info.run_id == run.info.run_id
     assert runs[0].info.status == "FINISHED"
     epochs = epochs_logged(client, run.info.run_id)
-    assert [value for _, value in epochs] == [1, 2, 3, 4, 5]  # each epoch logged once
+    assert [value for _, value in epochs] == [1, 2, 3]  # each epoch logged once
     per_epoch = epochs[0][0]
-    assert [step for step, _ in epochs] == [per_epoch * e for e in range(1, 6)]
-    assert_each_step_once(client, run.info.run_id, "train/loss", list(range(1, 5 * per_epoch + 1)))
+    assert [step for step, _ in epochs] == [per_epoch * e for e in range(1, 4)]
+    assert_each_step_once(client, run.info.run_id, "train/loss", list(range(1, 3 * per_epoch + 1)))
     assert_each_step_once(client, run.info.run_id, "bbox_mAP", [s for s, _ in epochs])
     # The replacement worker restored a checkpoint: it did not start from iteration 0.
     starts = [line for line in log.splitlines() if "starting at iteration" in line]
@@ -112,7 +112,7 @@ def test_resume_after_the_driver_was_killed(sweep_runner, mlflow_server, s3_serv
         mlflow_uri=mlflow_server.uri,
         s3_endpoint=s3_server.endpoint,
         datasets=[synthetic("resume-shapes", "coco", folder, images=8, classes=2)],
-        epochs=4,
+        epochs=3,
         search_space={"model.center_prior.sigma_init": {"grid": [1.0, 1.5]}},
         search={"max_concurrent_trials": 1},
     )
@@ -149,7 +149,7 @@ def test_resume_after_the_driver_was_killed(sweep_runner, mlflow_server, s3_serv
     ), "a resumed sweep opened new runs"
     assert all(r.info.status == "FINISHED" for r in runs)
     assert epochs_logged(client, finished.info.run_id) == finished_history  # not rerun
-    assert [v for _, v in epochs_logged(client, interrupted.info.run_id)] == [1, 2, 3, 4]
+    assert [v for _, v in epochs_logged(client, interrupted.info.run_id)] == [1, 2, 3]
     manifest = json.loads((folder / name / "manifest.json").read_text())
     assert manifest["status"] == "finished"
     parents = [
@@ -171,7 +171,7 @@ def test_mlflow_outage_of_30_seconds_loses_nothing(sweep_runner, mlflow_server, 
         mlflow_uri=mlflow_server.uri,
         s3_endpoint=s3_server.endpoint,
         datasets=[synthetic("outage-shapes", "coco", folder, images=32, classes=2)],
-        epochs=8,
+        epochs=3,
     )
     path = sweep_runner.write(name, config)
     process = sweep_runner.start(path)
@@ -195,11 +195,12 @@ def test_mlflow_outage_of_30_seconds_loses_nothing(sweep_runner, mlflow_server, 
         if process.poll() is None:
             process.kill()
     log = path.with_suffix(".log").read_text()
-    assert still_training, "the trial ended during the outage: make it longer"
+    # Training may end during the outage; the trial then waits to flush what it buffered.
+    assert still_training, "the sweep ended while its tracking server was down"
     assert code == 0, log[-4000:]
     run_id = run.info.run_id
     assert client.get_run(run_id).info.status == "FINISHED"
     epochs = epochs_logged(client, run_id)
-    assert [v for _, v in epochs] == [1, 2, 3, 4, 5, 6, 7, 8]  # every epoch arrived, once
+    assert [v for _, v in epochs] == [1, 2, 3]  # every epoch arrived, once
     assert_each_step_once(client, run_id, "train/loss", list(range(1, epochs[-1][0] + 1)))
     assert "MLflow unreachable" in log
