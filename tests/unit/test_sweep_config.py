@@ -436,3 +436,14 @@ def test_root_default_from_the_environment(tmp_path, monkeypatch):
     assert str(load_sweep_config(tmp_path / "s.yaml").datasets[0].root) == "sets/coco"
     monkeypatch.setenv("AUTOASSIGN_TEST_ROOT", str(tmp_path / "sets"))
     assert load_sweep_config(tmp_path / "s.yaml").datasets[0].root == tmp_path / "sets" / "coco"
+
+
+def test_relative_roots_become_absolute_before_they_reach_workers(tmp_path, monkeypatch):
+    from orchestration.sweep import make_paths_absolute
+
+    (tmp_path / "s.yaml").write_text(GOOD)
+    monkeypatch.chdir(tmp_path)
+    sweep = load_sweep_config("s.yaml")
+    make_paths_absolute(sweep)
+    experiment = trial_experiment(sweep, sweep.datasets[0], {})
+    assert experiment.data.root == tmp_path / "data" / "coco"
