@@ -27,8 +27,21 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 def load_experiment_config(path: str | Path, overrides: Iterable[str] = ()) -> ExperimentConfig:
-    """Read an :class:`ExperimentConfig` from YAML, then apply ``key.path=value`` overrides."""
-    return load_yaml_model(path, ExperimentConfig, overrides)
+    """Read an :class:`ExperimentConfig` from YAML, then apply ``key.path=value`` overrides.
+
+    Raises:
+        ConfigError: as :func:`load_yaml_model`, and also when the file is empty or holds
+            only comments (all defaults is never a usable experiment, so it is taken for a
+            mistake rather than silently trained on).
+    """
+    path = Path(path)
+    data = read_yaml_mapping(path)
+    if not data:
+        raise ConfigError(
+            f"{path}: the file is empty; an experiment config needs at least "
+            "model.num_classes and data (see configs/demo_single.yaml)"
+        )
+    return _model_from_mapping(path, data, ExperimentConfig, overrides)
 
 
 def load_yaml_model(
@@ -42,7 +55,13 @@ def load_yaml_model(
             (one line per problem, each ``<file>: <field.path>: <message>``).
     """
     path = Path(path)
-    data = read_yaml_mapping(path)
+    return _model_from_mapping(path, read_yaml_mapping(path), model_cls, overrides)
+
+
+def _model_from_mapping(
+    path: Path, data: dict[str, Any], model_cls: type[ModelT], overrides: Iterable[str]
+) -> ModelT:
+    """Check and apply the overrides to the mapping read from ``path``, then validate it."""
     overrides = list(overrides)
     for override in overrides:
         key, _ = parse_override(override)
@@ -55,7 +74,11 @@ def load_yaml_model(
 
 
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
-    """The top-level mapping of a YAML file (an empty file is an empty mapping)."""
+    """The top-level mapping of a YAML file.
+
+    An empty (or comments-only) file is an empty mapping; callers that need content say so
+    themselves (:func:`load_experiment_config`).
+    """
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:

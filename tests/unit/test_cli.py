@@ -94,10 +94,12 @@ def assert_clean_error(result: subprocess.CompletedProcess, status: int) -> str:
         ("train:\n  lrate: 0.1\n", [], "bad.yaml: train.lrate: Extra inputs are not permitted"),
         ("model:\n  backbone: {depth: 42}\n", [], "bad.yaml: model.backbone.depth: Input should"),
         ("seed: abc\n", [], "bad.yaml: seed: Input should be a valid integer"),
-        ("", ["train.lr=-1"], "bad.yaml: train.lr: Input should be greater than 0"),
-        ("", ["model.head.num_conv=1"], "unknown field 'num_conv' in model.head"),
-        ("", ["train.lr"], "not of the form key.path=value"),
+        ("seed: 0\n", ["train.lr=-1"], "bad.yaml: train.lr: Input should be greater than 0"),
+        ("seed: 0\n", ["model.head.num_conv=1"], "unknown field 'num_conv' in model.head"),
+        ("seed: 0\n", ["train.lr"], "not of the form key.path=value"),
         ("train: [1, 2\n", [], "bad.yaml:2:1: not valid YAML"),
+        ("", [], "bad.yaml: the file is empty; an experiment config needs"),
+        ("# only a comment\n", ["model.num_classes=3"], "bad.yaml: the file is empty"),
     ],
 )
 def test_config_errors_exit_2_naming_file_and_field(tmp_path, yaml_text, overrides, expected):

@@ -44,8 +44,23 @@ def test_values_and_overrides_are_applied(tmp_path):
     assert cfg.output_dir == Path("runs/x")
 
 
-def test_empty_file_gives_defaults(tmp_path):
-    assert load_experiment_config(write(tmp_path, "")) == ExperimentConfig()
+@pytest.mark.parametrize("text", ["", "\n", "# nothing here yet\n  # indented too\n"])
+def test_empty_or_comments_only_file_is_an_error_naming_it(tmp_path, text):
+    path = write(tmp_path, text, name="empty.yaml")
+    with pytest.raises(ConfigError) as excinfo:
+        load_experiment_config(path, ["model.num_classes=3"])
+    message = str(excinfo.value)
+    assert message.startswith(f"{path}: the file is empty")
+    assert "model.num_classes" in message
+
+
+def test_one_key_file_gives_defaults_otherwise(tmp_path):
+    # seed 0 is the default, so this is ExperimentConfig() with nothing else set.
+    assert load_experiment_config(write(tmp_path, "seed: 0\n")) == ExperimentConfig()
+
+
+def test_generic_loader_still_reads_an_empty_file_as_defaults(tmp_path):
+    assert load_yaml_model(write(tmp_path, ""), TrainConfig) == TrainConfig()
 
 
 def test_wrong_value_names_file_and_field(tmp_path):
@@ -70,7 +85,7 @@ def test_every_problem_is_reported(tmp_path):
 
 
 def test_bad_override_value_names_the_override(tmp_path):
-    path = write(tmp_path, "")
+    path = write(tmp_path, "seed: 0\n")
     with pytest.raises(ConfigError) as excinfo:
         load_experiment_config(path, ["train.lr=-0.1"])
     message = str(excinfo.value)
@@ -79,7 +94,7 @@ def test_bad_override_value_names_the_override(tmp_path):
 
 
 def test_unknown_override_path_is_rejected_naming_it(tmp_path):
-    path = write(tmp_path, "")
+    path = write(tmp_path, "seed: 0\n")
     with pytest.raises(ConfigError, match=r"unknown field 'lrate' in train \(known: .*\blr\b"):
         load_experiment_config(path, ["train.lrate=0.1"])
     with pytest.raises(ConfigError, match=r"unknown field 'imgs' in data\.paths\.val"):
@@ -130,7 +145,7 @@ def test_generic_loader_on_another_model(tmp_path):
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = load_experiment_config(write(tmp_path, ""), ["model.num_classes=7", "seed=3"])
+    cfg = load_experiment_config(write(tmp_path, "seed: 0\n"), ["model.num_classes=7", "seed=3"])
     path = write_resolved_config(cfg, tmp_path / "out" / "config.yaml")
     assert yaml.safe_load(dump_config(cfg))["model"]["num_classes"] == 7
     assert load_experiment_config(path) == cfg
