@@ -79,7 +79,7 @@ def _run_url(tracker: Any, run_id: str | None) -> str | None:
     table = tracker.runs_table_url(None)
     if table is None or run_id is None:
         return None
-    return f"{table}/{run_id}".replace("/runs/", "/runs/", 1)
+    return f"{table}/{run_id}"
 
 
 def format_leaderboard(rows: list[dict[str, Any]]) -> str:

@@ -273,7 +273,9 @@ def run_sweep(
     finally:
         ray.shutdown()
 
-    manifest["trials"] = {row["trial_id"]: row["run_id"] for row in _all_trials(results, tracker)}
+    manifest["trials"] = {
+        row["trial_id"]: row["run_id"] for row in _all_trials(results, tracker, sweep_id)
+    }
     manifest["status"] = "finished"
     write_manifest(sweep, manifest)
     board_path = where.output_dir / LEADERBOARD
@@ -384,13 +386,13 @@ def max_concurrent_trials(sweep: SweepConfig, cluster: dict[str, float]) -> int:
     return max(1, int(min(fits)))
 
 
-def _all_trials(results: Any, tracker: Any) -> list[dict[str, str]]:
-    from orchestration.tracking import TAG_TRIAL_ID
+def _all_trials(results: Any, tracker: Any, sweep_id: str) -> list[dict[str, str]]:
+    from orchestration.tracking import TAG_SWEEP_ID, TAG_TRIAL_ID
 
     rows = []
     for result in results:
         trial_id = _trial_id_of(result)
-        runs = tracker.find_runs(**{TAG_TRIAL_ID: trial_id})
+        runs = tracker.find_runs(**{TAG_SWEEP_ID: sweep_id, TAG_TRIAL_ID: trial_id})
         rows.append({"trial_id": trial_id, "run_id": runs[0].info.run_id if runs else None})
     return rows
 
