@@ -332,9 +332,6 @@ class Tracker:
             return None
         return run.data.tags.get(TAG_FAILURE, "the trial failed")
 
-    def run_status(self, run_id: str) -> str:
-        return with_retries(lambda: self.client.get_run(run_id).info.status, what="run lookup")
-
     def close_stale_runs(self, sweep_id: str, keep: Iterable[str] = ()) -> list[str]:
         """End as KILLED every RUNNING trial run of the sweep not in ``keep``; their ids."""
         keep = set(keep)
