@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -175,12 +176,19 @@ RAY_LOOPBACK_ENV = {
 @dataclass
 class RayCluster:
     address: str
+    env: dict[str, str]
+    """What a client of this cluster needs in its environment (loopback, auth token)."""
 
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory, s3_server) -> Iterator[RayCluster]:
     port = free_port()
-    env = {**os.environ, **s3_server.env, **RAY_LOOPBACK_ENV}
+    # `ray start` with token authentication refuses to run without a token; a fresh machine
+    # has none in ~/.ray, so the session writes its own and hands it to every client.
+    token = tmp_path_factory.mktemp("ray") / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    client_env = {**RAY_LOOPBACK_ENV, "RAY_AUTH_TOKEN_PATH": str(token)}
+    env = {**os.environ, **s3_server.env, **client_env}
     env.pop("RAY_ADDRESS", None)
     subprocess.run(
         [
@@ -206,7 +214,7 @@ def ray_cluster(tmp_path_factory, s3_server) -> Iterator[RayCluster]:
         capture_output=True,
         timeout=180,
     )
-    yield RayCluster(address=f"127.0.0.1:{port}")
+    yield RayCluster(address=f"127.0.0.1:{port}", env=client_env)
     subprocess.run(
         [str(VENV_BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120
     )
@@ -250,7 +258,7 @@ def sweep_runner(tmp_path_factory, s3_server, mlflow_server, ray_cluster) -> Swe
     env = {
         **os.environ,
         **s3_server.env,
-        **RAY_LOOPBACK_ENV,
+        **ray_cluster.env,
         "RAY_ADDRESS": ray_cluster.address,
     }
     env.pop("MLFLOW_TRACKING_URI", None)

@@ -14,9 +14,11 @@ import time
 
 import pytest
 
-from tests.integration.conftest import synthetic, tiny_sweep
+from tests.integration.conftest import BUCKET, synthetic, tiny_sweep
 
 pytestmark = pytest.mark.integration
+
+SNAPSHOT = "/checkpoint_manager_snapshot.json"  # Ray Train V2's record of registered checkpoints
 
 
 def wait_until(predicate, *, timeout: float, every: float = 0.5, what: str = "condition"):
@@ -46,6 +48,19 @@ def train_worker_pids() -> list[int]:
     return [int(pid) for pid in out.stdout.split()]
 
 
+def registered_checkpoints(s3_server, sweep: str) -> int:
+    """How many checkpoints Ray Train's controller has registered for the sweep's one trial.
+
+    A worker's report reaches the controller on its next poll (every 2 s); a worker killed
+    in between loses that checkpoint, so a test that wants a restore waits for this file.
+    """
+    keys = [k for k in s3_server.keys(f"ray/{sweep}-") if k.endswith(SNAPSHOT)]
+    if not keys:
+        return 0
+    body = s3_server.client().get_object(Bucket=BUCKET, Key=keys[0])["Body"].read()
+    return len(json.loads(body).get("checkpoint_results", []))
+
+
 def assert_each_step_once(client, run_id: str, key: str, expected: list[int]) -> None:
     steps = [m.step for m in client.get_metric_history(run_id, key)]
     assert sorted(steps) == expected, f"{key}: {steps}"
@@ -72,12 +87,13 @@ def test_killed_worker_is_replaced_and_continues_into_the_same_run(
         for r in trial_runs(client, name):
             epochs = epochs_logged(client, r.info.run_id)
             steps = [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")]
-            if epochs and max(steps) >= epochs[0][0] + 2:
+            past_first_checkpoint = epochs and max(steps) >= epochs[0][0] + 2
+            if past_first_checkpoint and registered_checkpoints(s3_server, name):
                 return r
         return None
 
     try:
-        # Killed mid-epoch, two steps after the first epoch's checkpoint was reported.
+        # Killed mid-epoch, after the first epoch's checkpoint was registered by Ray.
         run = wait_until(into_the_second_epoch, timeout=300, what="the second epoch")
         pids = train_worker_pids()
         assert pids, "no Ray Train worker process found"
