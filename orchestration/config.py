@@ -205,9 +205,11 @@ class SchedulerConfig(_Strict):
 
 
 class SearchConfig(_Strict):
-    algorithm: Literal["grid", "random"] = "grid"
+    algorithm: Literal["grid", "random", "tpe"] = "grid"
     """``grid``: every combination of ``grid`` keys, other keys sampled ``num_samples``
-    times; ``random``: ``num_samples`` draws per dataset (``grid`` keys still expand)."""
+    times; ``random``: ``num_samples`` draws per dataset (``grid`` keys still expand);
+    ``tpe``: Optuna's TPE draws the sampled keys from earlier trials' scores, one study per
+    dataset and ``grid`` point, ``num_samples`` trials each."""
     num_samples: int = Field(1, gt=0)
     scheduler: SchedulerConfig = SchedulerConfig()
     max_concurrent_trials: int | None = Field(None, gt=0)
@@ -372,6 +374,12 @@ def check_dataset_overrides(dataset: DatasetConfig, *, source: str) -> None:
 
 def check_search_space(sweep: SweepConfig, *, source: str) -> None:
     """Each key names an ExperimentConfig field, and each value it can take validates there."""
+    sampled = [key for key, d in sweep.search_space.items() if d.kind != "grid"]
+    if sweep.search.algorithm == "tpe" and not sampled:
+        raise ConfigError(
+            f"{source}: search.algorithm: tpe needs at least one sampled key in search_space "
+            "(choice, uniform, loguniform or randint); with grid keys only, use grid"
+        )
     for key, distribution in sweep.search_space.items():
         where = f"{source}: search_space.{key}"
         try:

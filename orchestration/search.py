@@ -5,10 +5,14 @@ The Tune config of a trial is flat: ``{"dataset": "coco", "train.schedule": "13e
 dataset gets the same search; ``grid`` keys expand into every combination, and the sampled
 keys (``choice``, ``uniform``, ``loguniform``, ``randint``) are drawn ``num_samples`` times per
 grid point.
+
+``tpe`` (Optuna's Tree-structured Parzen Estimator) draws the sampled keys from what earlier
+trials scored, one study per dataset and grid point: see :mod:`orchestration.tpe`.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -54,4 +58,20 @@ def describe_space(sweep: SweepConfig) -> dict[str, str]:
     return {
         key: f"{distribution.kind} {distribution.argument}"
         for key, distribution in sweep.search_space.items()
+    }
+
+
+def grid_points(sweep: SweepConfig) -> list[dict[str, Any]]:
+    """Every combination of the ``grid`` keys, each as a flat Tune config fragment."""
+    keys = [key for key, d in sweep.search_space.items() if d.kind == "grid"]
+    values = [list(sweep.search_space[key].argument) for key in keys]
+    return [dict(zip(keys, combination)) for combination in itertools.product(*values)]
+
+
+def sampled_space(sweep: SweepConfig) -> dict[str, Any]:
+    """The sampled (non-grid) keys as Tune domains, for a model-based searcher."""
+    return {
+        key: tune_domain(distribution)
+        for key, distribution in sweep.search_space.items()
+        if distribution.kind != "grid"
     }

@@ -354,19 +354,29 @@ def _fit(
         )
         return tuner.fit()
     max_epochs, _ = sweep.base.train.resolved_schedule()
+    concurrent = max_concurrent_trials(sweep, ray.cluster_resources())
+    if sweep.search.algorithm == "tpe":
+        from orchestration.search import trials_per_dataset
+        from orchestration.tpe import tpe_searcher
+
+        # The searcher hands out every trial's whole config, so Tune gets no space of its own.
+        space, num_samples = {}, trials_per_dataset(sweep) * len(sweep.datasets)
+        search_alg = tpe_searcher(sweep, max_concurrent=concurrent)
+    else:
+        space, num_samples = param_space(sweep), sweep.search.num_samples
+        # The limit must sit on the generator itself: Tune does not wrap one given to it.
+        search_alg = BasicVariantGenerator(
+            random_state=sweep.search.seed, max_concurrent=concurrent
+        )
     tuner = tune.Tuner(
         trainable,
-        param_space=param_space(sweep),
+        param_space=space,
         tune_config=tune.TuneConfig(
             metric="score",
             mode="max",
             scheduler=build_scheduler(sweep.search.scheduler, max_epochs=max_epochs),
-            # The limit must sit on the generator itself: Tune does not wrap one given to it.
-            search_alg=BasicVariantGenerator(
-                random_state=sweep.search.seed,
-                max_concurrent=max_concurrent_trials(sweep, ray.cluster_resources()),
-            ),
-            num_samples=sweep.search.num_samples,
+            search_alg=search_alg,
+            num_samples=num_samples,
             trial_name_creator=lambda t: trial_label(t.config["dataset"], trial_params(t.config)),
             trial_dirname_creator=lambda t: t.trial_id,
         ),

@@ -8,4 +8,4 @@ echo "== ruff"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 echo "== pytest"
-.venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q --durations=20 "$@"

@@ -129,8 +129,9 @@ def test_resume_after_the_driver_was_killed(sweep_runner, mlflow_server, s3_serv
         s3_endpoint=s3_server.endpoint,
         datasets=[synthetic("resume-shapes", "coco", folder, images=8, classes=2)],
         epochs=3,
-        search_space={"model.center_prior.sigma_init": {"grid": [1.0, 1.5]}},
-        search={"max_concurrent_trials": 1},
+        # TPE, so the resume also restores the searcher (the grid path is test_sweep's).
+        search_space={"model.center_prior.sigma_init": {"uniform": [1.0, 1.5]}},
+        search={"algorithm": "tpe", "num_samples": 2, "max_concurrent_trials": 1},
     )
     path = sweep_runner.write(name, config)
     process = sweep_runner.start(path)
