@@ -36,6 +36,7 @@ from autoassign.errors import AutoAssignError, ConfigError, run_cli
 from orchestration.config import SweepConfig, check_dataset_folders, load_sweep_config
 
 MANIFEST = "manifest.json"
+COMPARISON = "compare.md"
 LEADERBOARD = "leaderboard.json"
 DRIVER_RESOURCES = {"cpu": 0, "memory": 1}
 """What each trial's Tune driver asks of Ray (bytes of logical memory)."""
@@ -281,12 +282,27 @@ def run_sweep(
     board_path = where.output_dir / LEADERBOARD
     board_path.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     tracker.log_artifact(parent_run_id, board_path)
+    _log_comparison(tracker, where, sweep_id, parent_run_id)
     print(format_leaderboard(rows))
     print(f"leaderboard: {board_path}")
     print(f"MLflow runs table: {url or ui_hint(where, tracker)}")
     failed = any(row["status"] == "failed" for row in rows)
     tracker.end_run(parent_run_id, "FAILED" if failed else "FINISHED")
     return rows
+
+
+def _log_comparison(tracker: Any, where: Locations, sweep_id: str, parent_run_id: str) -> None:
+    """``compare.md``: the table ``python -m orchestration.compare`` prints, beside the sweep."""
+    from orchestration.compare import CompareError, sweep_table
+
+    try:
+        table = sweep_table(tracker.client, where.experiment, sweep_id)
+    except CompareError as error:  # no trial ever opened a run
+        print(f"no comparison table: {error}")
+        return
+    path = where.output_dir / COMPARISON
+    path.write_text(table, encoding="utf-8")
+    tracker.log_artifact(parent_run_id, path)
 
 
 def _init_ray(where: Locations) -> None:

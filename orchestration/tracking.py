@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 TAG_SWEEP_ID = "autoassign.sweep_id"
 TAG_TRIAL_ID = "autoassign.trial_id"
 TAG_DATASET = "autoassign.dataset"
+TAG_FORMAT = "autoassign.format"  # the dataset's on-disk format, hence its protocol
+TAG_METRIC = "autoassign.metric"  # the metric that ranks the dataset's trials
+TAG_CHECKPOINT = "autoassign.checkpoint_uri"
 TAG_KIND = "autoassign.kind"  # "sweep" or "trial"
 TAG_FAILURE = "autoassign.failure_reason"
 TAG_EARLY_STOPPED = "autoassign.early_stopped"
@@ -253,6 +256,7 @@ class Tracker:
         dataset: str,
         params: Mapping[str, Any],
         dataset_input: DatasetInput | None = None,
+        extra_tags: Mapping[str, str] | None = None,
     ) -> str:
         """The trial's child run id: found by tags when it exists (a restart), else created."""
         existing = self.find_runs(**{TAG_SWEEP_ID: sweep_id, TAG_TRIAL_ID: trial_id})
@@ -267,6 +271,7 @@ class Tracker:
             TAG_KIND: "trial",
             TAG_DATASET: dataset,
             TAG_PARENT: parent_run_id,
+            **(extra_tags or {}),
         }
         run = with_retries(
             lambda: self.client.create_run(self.experiment_id, run_name=name, tags=tags),

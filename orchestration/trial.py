@@ -84,7 +84,15 @@ def run_trial(tune_config: dict[str, Any], context: SweepContext) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from orchestration.storage import Storage
-    from orchestration.tracking import DatasetInput, Tracker, flatten, quiet_client_retries
+    from orchestration.tracking import (
+        TAG_CHECKPOINT,
+        TAG_FORMAT,
+        TAG_METRIC,
+        DatasetInput,
+        Tracker,
+        flatten,
+        quiet_client_retries,
+    )
     from orchestration.worker import NONFINITE_KEY, train_loop
 
     sweep = context.sweep_config()
@@ -113,6 +121,7 @@ def run_trial(tune_config: dict[str, Any], context: SweepContext) -> None:
             dataset_input=DatasetInput.describe(
                 dataset.name, str(dataset.root), dataset.format, dataset.train_split
             ),
+            extra_tags={TAG_FORMAT: dataset.format, TAG_METRIC: dataset.ranking_metric},
         )
 
     storage = Storage(context.storage_root, context.storage_endpoint)
@@ -167,9 +176,7 @@ def run_trial(tune_config: dict[str, Any], context: SweepContext) -> None:
             raise TrialFailure(reason)
         checkpoint = result.checkpoint
         if checkpoint is not None:
-            tracker.set_tags(
-                run_id, {"autoassign.checkpoint_uri": _checkpoint_uri(storage, checkpoint)}
-            )
+            tracker.set_tags(run_id, {TAG_CHECKPOINT: _checkpoint_uri(storage, checkpoint)})
         tracker.end_run(run_id, "FINISHED")
 
 

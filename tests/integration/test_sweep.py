@@ -9,6 +9,8 @@ alone with the library's reason, and record all of it in MLflow.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -73,7 +75,9 @@ def test_parent_and_child_runs(finished_sweep, mlflow_server):
     assert parent.data.params["search_space.train.lr"] == f"grid [{GOOD_LR}, {BAD_LR}]"
     assert "versions.torch" in parent.data.params
     parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"leaderboard.json", "sweep_resolved.yaml", "it-main.yaml"} <= parent_artifacts
+    assert {"leaderboard.json", "compare.md", "sweep_resolved.yaml", "it-main.yaml"} <= (
+        parent_artifacts
+    )
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert child.data.tags["autoassign.sweep_id"] == parent.data.tags["autoassign.sweep_id"]
@@ -153,3 +157,33 @@ def test_no_secret_in_runs_artifacts_or_logs(finished_sweep, mlflow_server, s3_s
         if key.endswith((".yaml", ".json")):
             body = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read().decode()
             assert SECRET_KEY not in body, key
+
+
+def test_compare_from_mlflow_alone_agrees_with_the_leaderboard(finished_sweep, mlflow_server):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestration.compare",
+            "it-main",
+            "--format",
+            "json",
+            "--tracking-uri",
+            mlflow_server.uri,
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    compared = {row["dataset"]: row for row in json.loads(result.stdout)}
+    board = json.loads((finished_sweep["output"] / "leaderboard.json").read_text())
+    for row in board:
+        same = compared[row["dataset"]]
+        assert same["metric"] == row["metric"] and same["run_id"] == row["run_id"]
+        assert same["value"] == pytest.approx(row["value"])
+        assert (same["trials"], same["failed"]) == (2, 1)
+        assert same["checkpoint"].startswith(f"s3://{BUCKET}/ray/")
+        assert same["run_url"].endswith(f"/runs/{row['run_id']}")
+    table = (finished_sweep["output"] / "compare.md").read_text()
+    assert table.startswith("| dataset | metric | value |") and "| shapes |" in table

@@ -1,0 +1,362 @@
+"""``python -m orchestration.compare EXPERIMENT``: what a sweep found, from MLflow alone.
+
+One row per dataset: the best finished trial by the dataset's ranking metric, the other
+metrics of its protocol, its searched parameters, run link and checkpoint URI. ``--by PARAM``
+shows how one searched parameter moves each dataset's metric (trials, mean and best per
+value). No Ray is needed, only the tracking server (or the sweep's SQLite file).
+
+Exit status: 0 with a table, 2 for an experiment, sweep, metric or parameter that does not
+exist (the message lists what does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestration.config import DEFAULT_RANKING_METRIC, KNOWN_METRICS
+from orchestration.tracking import (
+    TAG_CHECKPOINT,
+    TAG_DATASET,
+    TAG_FORMAT,
+    TAG_KIND,
+    TAG_METRIC,
+    TAG_SWEEP_ID,
+    redact,
+)
+
+FORMATS = ("table", "csv", "md", "json")
+SEARCH_PREFIX = "search."  # trial runs log their searched parameters as search.<dot path>
+
+
+class CompareError(Exception):
+    """A request that names something the tracking store does not have."""
+
+
+@dataclass
+class Trial:
+    """One finished trial run, as the comparison needs it."""
+
+    run_id: str
+    dataset: str
+    format: str
+    metric: str
+    metrics: dict[str, float]
+    params: dict[str, str]
+    checkpoint: str | None
+
+
+@dataclass
+class DatasetSummary:
+    dataset: str
+    format: str
+    metric: str
+    trials: list[Trial] = field(default_factory=list)
+    failed: int = 0
+
+    @property
+    def scored(self) -> list[Trial]:
+        return [t for t in self.trials if _finite(t.metrics.get(self.metric))]
+
+    @property
+    def best(self) -> Trial | None:
+        return max(self.scored, key=lambda t: t.metrics[self.metric], default=None)
+
+
+def load_trials(
+    client: Any, experiment: str, *, sweep_id: str | None = None
+) -> tuple[str, list[DatasetSummary]]:
+    """The experiment's id and its trial runs grouped by dataset (in order of appearance)."""
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise CompareError(
+            f"experiment {experiment!r} not found; the tracking store has: "
+            + (", ".join(names) or "(none)")
+        )
+    runs = _search(client, found.experiment_id, f"tags.`{TAG_KIND}` = 'trial'")
+    if sweep_id is not None:
+        sweeps = sorted({r.data.tags.get(TAG_SWEEP_ID, "") for r in runs})
+        runs = [r for r in runs if r.data.tags.get(TAG_SWEEP_ID) == sweep_id]
+        if not runs:
+            raise CompareError(
+                f"sweep {sweep_id!r} has no trials in experiment {experiment!r}; its sweeps: "
+                + (", ".join(s for s in sweeps if s) or "(none)")
+            )
+    summaries: dict[str, DatasetSummary] = {}
+    for run in sorted(runs, key=lambda r: r.info.start_time or 0):
+        tags, params = run.data.tags, run.data.params
+        dataset = tags.get(TAG_DATASET) or params.get("dataset", "?")
+        format_ = tags.get(TAG_FORMAT) or params.get("data.format", "coco")
+        metric = tags.get(TAG_METRIC) or DEFAULT_RANKING_METRIC[format_]
+        summary = summaries.setdefault(dataset, DatasetSummary(dataset, format_, metric))
+        if run.info.status == "FAILED":
+            summary.failed += 1
+            continue
+        summary.trials.append(
+            Trial(
+                run_id=run.info.run_id,
+                dataset=dataset,
+                format=format_,
+                metric=metric,
+                metrics=dict(run.data.metrics),
+                params={
+                    k[len(SEARCH_PREFIX) :]: v
+                    for k, v in params.items()
+                    if k.startswith(SEARCH_PREFIX)
+                },
+                checkpoint=tags.get(TAG_CHECKPOINT),
+            )
+        )
+    return found.experiment_id, list(summaries.values())
+
+
+def _search(client: Any, experiment_id: str, filter_string: str) -> list[Any]:
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            [experiment_id], filter_string=filter_string, max_results=1000, page_token=token
+        )
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def with_metric(summaries: list[DatasetSummary], metric: str | None) -> list[DatasetSummary]:
+    """Rank every dataset by ``metric`` instead of its own (it must be one it reports)."""
+    if metric is None:
+        return summaries
+    for summary in summaries:
+        reported = sorted({k for t in summary.trials for k in t.metrics})
+        if metric not in reported:
+            raise CompareError(
+                f"--metric {metric!r}: dataset {summary.dataset!r} reports no such metric; "
+                f"it has: {', '.join(reported) or '(none)'}"
+            )
+        summary.metric = metric
+    return summaries
+
+
+def leaderboard(summaries: list[DatasetSummary], runs_url: str | None) -> list[dict[str, Any]]:
+    """One row per dataset, with the best trial's protocol metrics, params and links."""
+    rows = []
+    for s in summaries:
+        row: dict[str, Any] = {
+            "dataset": s.dataset,
+            "format": s.format,
+            "metric": s.metric,
+            "trials": len(s.trials) + s.failed,
+            "failed": s.failed,
+        }
+        best = s.best
+        if best is None:
+            rows.append({**row, "status": "failed"})
+            continue
+        row.update(
+            {
+                "status": "ok",
+                "value": best.metrics[s.metric],
+                "metrics": {
+                    name: best.metrics[name]
+                    for name in KNOWN_METRICS[s.format]
+                    if _finite(best.metrics.get(name))
+                },
+                "params": best.params,
+                "run_id": best.run_id,
+                "run_url": f"{runs_url}/{best.run_id}" if runs_url else None,
+                "checkpoint": best.checkpoint,
+            }
+        )
+        rows.append(row)
+    return rows
+
+
+def by_parameter(summaries: list[DatasetSummary], param: str) -> list[dict[str, Any]]:
+    """Per dataset and value of ``param``: trials, mean and best of the ranking metric."""
+    searched = sorted({k for s in summaries for t in s.trials for k in t.params})
+    if param not in searched:
+        raise CompareError(
+            f"--by {param!r} was not searched; the searched parameters are: "
+            + (", ".join(searched) or "(none)")
+        )
+    rows = []
+    for s in summaries:
+        groups: dict[str, list[float]] = {}
+        for trial in s.scored:
+            groups.setdefault(trial.params.get(param, "-"), []).append(trial.metrics[s.metric])
+        for value in sorted(groups, key=_natural):
+            scores = groups[value]
+            rows.append(
+                {
+                    "dataset": s.dataset,
+                    "metric": s.metric,
+                    param: value,
+                    "trials": len(scores),
+                    "mean": statistics.fmean(scores),
+                    "best": max(scores),
+                }
+            )
+    return rows
+
+
+# ---- output ----------------------------------------------------------------------------------
+
+
+def leaderboard_cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Flat columns: dataset, metric, value, the protocol metrics, params, run, checkpoint."""
+    metric_names = _ordered(k for r in rows for k in r.get("metrics", {}))
+    param_names = _ordered(k for r in rows for k in r.get("params", {}))
+    header = ["dataset", "metric", "value", *metric_names, *param_names]
+    header += ["trials", "failed", "run_id", "checkpoint"]
+    cells = []
+    for r in rows:
+        metrics, params = r.get("metrics", {}), r.get("params", {})
+        cells.append(
+            [
+                r["dataset"],
+                r["metric"],
+                _number(r.get("value")) if r["status"] == "ok" else "ALL FAILED",
+                *(_number(metrics.get(m)) for m in metric_names),
+                *(params.get(p, "") for p in param_names),
+                str(r["trials"]),
+                str(r["failed"]),
+                r.get("run_id") or "",
+                r.get("checkpoint") or "",
+            ]
+        )
+    return header, cells
+
+
+def by_parameter_cells(rows: list[dict[str, Any]], param: str):
+    header = ["dataset", "metric", param, "trials", "mean", "best"]
+    cells = [
+        [
+            r["dataset"],
+            r["metric"],
+            str(r[param]),
+            str(r["trials"]),
+            _number(r["mean"]),
+            _number(r["best"]),
+        ]  # fmt: skip
+        for r in rows
+    ]
+    return header, cells
+
+
+def render(header: list[str], cells: list[list[str]], fmt: str) -> str:
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(cells)
+        return out.getvalue()
+    if fmt == "md":
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
+        return "\n".join(lines) + "\n"
+    widths = [max(len(x) for x in column) for column in zip(header, *cells)]
+    lines = [header, ["-" * w for w in widths], *cells]
+    text = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
+    return "\n".join(text) + "\n"
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4f}" if _finite(value) else ""
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _ordered(keys) -> list[str]:
+    return list(dict.fromkeys(keys))
+
+
+def _natural(value: str) -> tuple[int, float, str]:
+    try:
+        return (0, float(value), value)
+    except ValueError:
+        return (1, 0.0, value)
+
+
+def sweep_table(client: Any, experiment: str, sweep_id: str) -> str:
+    """The sweep's leaderboard as Markdown, for its parent run's artifacts."""
+    _, summaries = load_trials(client, experiment, sweep_id=sweep_id)
+    return render(*leaderboard_cells(leaderboard(summaries, None)), "md")
+
+
+# ---- CLI -------------------------------------------------------------------------------------
+
+
+def default_tracking_uri(experiment: str) -> str | None:
+    """``MLFLOW_TRACKING_URI``, else the demo default: ``runs/<experiment>/mlflow.db``."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    local = Path("runs") / experiment / "mlflow.db"
+    return f"sqlite:///{local.resolve()}" if local.is_file() else None
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m orchestration.compare",
+        description="The best trial per dataset of a sweep's MLflow experiment.",
+    )
+    parser.add_argument("experiment", help="MLflow experiment (a sweep's name by default)")
+    parser.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else the "
+                        "sweep's SQLite file runs/<experiment>/mlflow.db")  # fmt: skip
+    parser.add_argument("--sweep", help="only this sweep id (default: every trial)")
+    parser.add_argument("--metric", help="rank every dataset by this metric instead")
+    parser.add_argument("--by", metavar="PARAM", help="a searched parameter's effect instead")
+    parser.add_argument("--format", choices=FORMATS, default="table")
+    return parser.parse_args(argv)
+
+
+def compare(args: argparse.Namespace) -> str:
+    from mlflow.tracking import MlflowClient
+
+    uri = args.tracking_uri or default_tracking_uri(args.experiment)
+    if uri is None:
+        raise CompareError(
+            "no tracking store: pass --tracking-uri or set MLFLOW_TRACKING_URI (no "
+            f"runs/{args.experiment}/mlflow.db here)"
+        )
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        raise CompareError(f"--tracking-uri {uri}: no such SQLite file")
+    client = MlflowClient(uri)
+    experiment_id, summaries = load_trials(client, args.experiment, sweep_id=args.sweep)
+    summaries = with_metric(summaries, args.metric)
+    if args.by:
+        rows = by_parameter(summaries, args.by)
+        if args.format == "json":
+            return json.dumps(rows, indent=2) + "\n"
+        return render(*by_parameter_cells(rows, args.by), args.format)
+    runs_url = f"{redact(uri).rstrip('/')}/#/experiments/{experiment_id}/runs"
+    rows = leaderboard(summaries, runs_url if uri.startswith("http") else None)
+    if args.format == "json":
+        return json.dumps(rows, indent=2) + "\n"
+    return render(*leaderboard_cells(rows), args.format)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        sys.stdout.write(compare(args))
+    except CompareError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
