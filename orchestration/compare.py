@@ -195,7 +195,7 @@ def by_parameter(summaries: list[DatasetSummary], param: str) -> list[dict[str, 
         groups: dict[str, list[float]] = {}
         for trial in s.scored:
             groups.setdefault(trial.params.get(param, "-"), []).append(trial.metrics[s.metric])
-        for value in sorted(groups, key=_natural):
+        for value in sorted(groups, key=natural_order):
             scores = groups[value]
             rows.append(
                 {
@@ -283,7 +283,7 @@ def _ordered(keys) -> list[str]:
     return list(dict.fromkeys(keys))
 
 
-def _natural(value: str) -> tuple[int, float, str]:
+def natural_order(value: str) -> tuple[int, float, str]:
     try:
         return (0, float(value), value)
     except ValueError:

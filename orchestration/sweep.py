@@ -37,6 +37,7 @@ from orchestration.config import SweepConfig, check_dataset_folders, load_sweep_
 
 MANIFEST = "manifest.json"
 COMPARISON = "compare.md"
+PLOTS = "plots"
 LEADERBOARD = "leaderboard.json"
 DRIVER_RESOURCES = {"cpu": 0, "memory": 1}
 """What each trial's Tune driver asks of Ray (bytes of logical memory)."""
@@ -292,8 +293,10 @@ def run_sweep(
 
 
 def _log_comparison(tracker: Any, where: Locations, sweep_id: str, parent_run_id: str) -> None:
-    """``compare.md``: the table ``python -m orchestration.compare`` prints, beside the sweep."""
-    from orchestration.compare import CompareError, sweep_table
+    """``compare.md`` (the table ``python -m orchestration.compare`` prints) and the sweep's
+    charts (``plots/``), beside the sweep and on its parent run."""
+    from orchestration.compare import CompareError, load_trials, sweep_table
+    from orchestration.sweep_plots import sweep_plots
 
     try:
         table = sweep_table(tracker.client, where.experiment, sweep_id)
@@ -303,6 +306,9 @@ def _log_comparison(tracker: Any, where: Locations, sweep_id: str, parent_run_id
     path = where.output_dir / COMPARISON
     path.write_text(table, encoding="utf-8")
     tracker.log_artifact(parent_run_id, path)
+    _, summaries = load_trials(tracker.client, where.experiment, sweep_id=sweep_id)
+    for plot in sweep_plots(tracker.client, summaries, where.output_dir / PLOTS):
+        tracker.log_artifact(parent_run_id, plot, PLOTS)
 
 
 def _init_ray(where: Locations) -> None:

@@ -78,6 +78,8 @@ def test_parent_and_child_runs(finished_sweep, mlflow_server):
     assert {"leaderboard.json", "compare.md", "sweep_resolved.yaml", "it-main.yaml"} <= (
         parent_artifacts
     )
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert plots == {"plots/learning_curves.png", "plots/metric_vs_train.lr.png"}
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert child.data.tags["autoassign.sweep_id"] == parent.data.tags["autoassign.sweep_id"]
