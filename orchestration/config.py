@@ -245,6 +245,9 @@ class TrackingConfig(_Strict):
     """Default: the sweep's name."""
     ui_url: str | None = None
     """Where users open the MLflow UI (default: the tracking URI when it is http)."""
+    register_models: bool = True
+    """Register each dataset's best trial as a version of ``autoassign-<dataset>`` in the
+    MLflow model registry, moving its ``best`` alias only to a better version."""
 
 
 class StorageConfig(_Strict):

@@ -12,6 +12,7 @@ and config files, the ``standard`` retry mode); Ray gets an explicit
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,16 @@ class Storage:
             for item in page.get("Contents", []):
                 keys.append(item["Key"][len(self.prefix) :].lstrip("/"))
         return sorted(keys)
+
+    def download_file(self, uri: str, destination: Path) -> Path:
+        """Copy the file at ``uri`` (``s3://bucket/key`` or a local path) to ``destination``."""
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        if uri.startswith("s3://"):
+            parsed = urlparse(uri)
+            self._s3().download_file(parsed.netloc, parsed.path.lstrip("/"), str(destination))
+        else:
+            shutil.copyfile(uri, destination)
+        return destination
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}".lstrip("/") if self.prefix else key

@@ -284,6 +284,8 @@ def run_sweep(
     board_path.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     tracker.log_artifact(parent_run_id, board_path)
     _log_comparison(tracker, where, sweep_id, parent_run_id)
+    if sweep.tracking.register_models:
+        _register_models(tracker, where, rows, sweep_id)
     print(format_leaderboard(rows))
     print(f"leaderboard: {board_path}")
     print(f"MLflow runs table: {url or ui_hint(where, tracker)}")
@@ -309,6 +311,16 @@ def _log_comparison(tracker: Any, where: Locations, sweep_id: str, parent_run_id
     _, summaries = load_trials(tracker.client, where.experiment, sweep_id=sweep_id)
     for plot in sweep_plots(tracker.client, summaries, where.output_dir / PLOTS):
         tracker.log_artifact(parent_run_id, plot, PLOTS)
+
+
+def _register_models(tracker: Any, where: Locations, rows: list, sweep_id: str) -> None:
+    from orchestration.registry import register_best
+    from orchestration.storage import Storage
+
+    storage = Storage(where.storage_root, where.storage_endpoint)
+    for registration in register_best(tracker.client, rows, storage=storage, sweep_id=sweep_id):
+        print(f"registry: {registration.model} version {registration.version}: "
+              f"{registration.comparison}")  # fmt: skip
 
 
 def _init_ray(where: Locations) -> None:

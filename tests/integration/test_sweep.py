@@ -189,3 +189,22 @@ def test_compare_from_mlflow_alone_agrees_with_the_leaderboard(finished_sweep, m
         assert same["run_url"].endswith(f"/runs/{row['run_id']}")
     table = (finished_sweep["output"] / "compare.md").read_text()
     assert table.startswith("| dataset | metric | value |") and "| shapes |" in table
+
+
+def test_best_trials_are_registered_and_load_from_the_registry(finished_sweep, mlflow_server):
+    from orchestration.registry import load_detector
+
+    client = mlflow_server.client()
+    board = json.loads((finished_sweep["output"] / "leaderboard.json").read_text())
+    for row in board:
+        version = client.get_model_version_by_alias(f"autoassign-{row['dataset']}", "best")
+        assert str(version.version) == "1" and version.run_id == row["run_id"]
+        assert float(version.tags["autoassign.metric_value"]) == pytest.approx(row["value"])
+        assert version.tags["autoassign.best_comparison"].endswith("first version, now best")
+    assert "registry: autoassign-shapes version 1" in finished_sweep["log"]
+    # The checkpoint travelled from Ray's S3 storage to the run's artifacts (S3 behind MLflow).
+    predictor = load_detector(
+        "autoassign-shapes@best", tracking_uri=mlflow_server.uri, device="cpu"
+    )
+    assert predictor.config.model.num_classes == 2
+    assert predictor.config.train.lr == GOOD_LR

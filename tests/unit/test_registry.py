@@ -1,0 +1,121 @@
+"""The model registry (orchestration.registry) on a real SQLite MLflow store with local
+artifacts: versions and the ``best`` alias over three sweeps, the second one worse; loading a
+registered model predicts exactly what its checkpoint predicts. The registration at the end of
+a real sweep on an ``mlflow server`` with S3 artifacts is in tests/integration/test_sweep.py.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from autoassign.config import ExperimentConfig
+from autoassign.engine.checkpoint import CHECKPOINT_FILE, save_checkpoint
+from autoassign.model import build_detector
+from autoassign.predict import Predictor
+from orchestration.registry import (
+    BEST_ALIAS,
+    TAG_COMPARISON,
+    load_detector,
+    register_best,
+    resolve_version,
+)
+from orchestration.storage import Storage
+from tests.unit.test_engine import tiny_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def world(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("reg", artifact_location=(tmp_path / "art").as_uri())
+    data = tiny_config(tmp_path / "data", tmp_path / "out").model_dump(mode="json")
+    data["model"]["input"] = {"min_size": 256, "max_size": 256}  # P7 needs more than 1x1 for GN
+    config = ExperimentConfig.model_validate(data)
+    torch.manual_seed(0)
+    model = build_detector(config.model)
+    checkpoints = {}
+    for name in ("sweep1", "sweep2", "sweep3"):
+        folder = tmp_path / "ckpt" / name
+        for parameter in model.parameters():  # a different model per sweep
+            parameter.data.add_(0.01 * torch.randn_like(parameter))
+        state = {"model": model.state_dict(), "config": config.model_dump(mode="json")}
+        save_checkpoint({**state, "epoch": 1, "iteration": 10}, folder / CHECKPOINT_FILE)
+        checkpoints[name] = folder
+    image = tmp_path / "scene.png"
+    pixels = torch.randint(0, 255, (180, 240, 3), generator=torch.Generator().manual_seed(1))
+    Image.fromarray(pixels.to(torch.uint8).numpy()).save(image)
+    return {"uri": uri, "client": client, "experiment": experiment, "ckpt": checkpoints,
+            "image": image}  # fmt: skip
+
+
+def finish_sweep(world, sweep: str, value: float):
+    client = world["client"]
+    run = client.create_run(world["experiment"])
+    row = {"status": "ok", "dataset": "shapes", "metric": "bbox_mAP", "value": value,
+           "run_id": run.info.run_id, "checkpoint": str(world["ckpt"][sweep])}  # fmt: skip
+    (registration,) = register_best(client, [row], storage=Storage(root="."), sweep_id=sweep)
+    return registration
+
+
+def test_best_moves_only_to_a_better_version(world):
+    client = world["client"]
+    first = finish_sweep(world, "sweep1", 0.40)
+    worse = finish_sweep(world, "sweep2", 0.30)
+    better = finish_sweep(world, "sweep3", 0.45)
+    assert [r.version for r in (first, worse, better)] == ["1", "2", "3"]
+    assert [r.became_best for r in (first, worse, better)] == [True, False, True]
+    assert str(client.get_model_version_by_alias("autoassign-shapes", BEST_ALIAS).version) == "3"
+    tag = client.get_model_version("autoassign-shapes", "2").tags[TAG_COMPARISON]
+    assert tag == "bbox_mAP 0.3000 <= 0.4000 of version 1, which stays best"
+    assert "> 0.4 of version 1: now best" in better.comparison
+
+
+def test_a_worse_sweep_leaves_best_on_the_better_version(world):
+    client = world["client"]
+    finish_sweep(world, "sweep1", 0.40)
+    finish_sweep(world, "sweep2", 0.30)
+    assert str(client.get_model_version_by_alias("autoassign-shapes", BEST_ALIAS).version) == "1"
+    assert str(resolve_version(client, "models:/autoassign-shapes/2").version) == "2"
+    assert str(resolve_version(client, "autoassign-shapes").version) == "2"  # the latest
+
+
+def test_a_loaded_model_predicts_what_its_checkpoint_predicts(world):
+    finish_sweep(world, "sweep1", 0.40)
+    finish_sweep(world, "sweep2", 0.30)
+    loaded = load_detector("autoassign-shapes@best", tracking_uri=world["uri"], device="cpu")
+    direct = Predictor(world["ckpt"]["sweep1"], device="cpu")
+    other = Predictor(world["ckpt"]["sweep2"], device="cpu")
+    got, want = loaded(world["image"]), direct(world["image"])
+    for key in ("boxes", "scores", "labels"):
+        assert torch.equal(got[key], want[key]), key
+    assert not torch.equal(loaded.model.head.cls_logits.weight, other.model.head.cls_logits.weight)
+
+
+def test_cli_load_and_unknown_models(world, tmp_path):
+    finish_sweep(world, "sweep1", 0.40)
+
+    def cli(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "orchestration.registry", "--tracking-uri", world["uri"], *args],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    ok = cli("load", "autoassign-shapes@best", "--out", str(tmp_path / "model"))
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "model" / "model" / CHECKPOINT_FILE).is_file() or any(
+        (tmp_path / "model").rglob(CHECKPOINT_FILE)
+    )
+    assert "2 classes" in ok.stdout
+    bad = cli("load", "autoassign-nothing@best")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "registered models: autoassign-shapes" in bad.stderr
