@@ -19,8 +19,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
-MIN_RANKING_METRIC = 0.1
-"""Every dataset's best trial must clearly learn (its ranking metric starts at 0)."""
+MIN_RANKING_METRIC = 0.3
+"""Every dataset's best trial must clearly learn (its ranking metric starts at 0); measured
+0.43 COCO, 0.85 VOC, 0.51 Objects365, 0.32 WiderFace AP_easy."""
 
 
 def test_demo_sweep_finishes_every_trial_and_every_dataset_learns(tmp_path):
