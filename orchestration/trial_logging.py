@@ -51,7 +51,11 @@ class MlflowTrialLogger(Callback):
         self.ranking_metric = ranking_metric
         self.flush_timeout = flush_timeout
         self.buffer = MetricBuffer(self.client, run_id)
-        self.logged_up_to = -1
+        # A restored trial repeats the steps after its checkpoint; what already reached the
+        # run is not logged again. Steps and epochs are tracked apart: a worker killed after
+        # logging an epoch's last step but before that epoch's metrics must log the metrics.
+        self.steps_logged_up_to = -1
+        self.epochs_logged_up_to = -1
         self.trainer: Any = None
         self._sums: dict[str, float] = {}
         self._count = 0
@@ -59,7 +63,8 @@ class MlflowTrialLogger(Callback):
     # ---- hooks ------------------------------------------------------------------------------
 
     def on_train_start(self, state: TrainState) -> None:
-        self.logged_up_to = self._highest_logged_step()
+        self.steps_logged_up_to = self._highest_logged_step(STEP_METRIC)
+        self.epochs_logged_up_to = self._highest_logged_step("epoch")
         state.extra["mlflow_run_id"] = self.run_id
 
     def on_step(self, state: TrainState, losses: dict[str, float]) -> None:
@@ -69,14 +74,14 @@ class MlflowTrialLogger(Callback):
             self._count += 1
         if state.iteration % self.log_every_iters != 0:
             return
-        if self._count and state.iteration > self.logged_up_to:
+        if self._count and state.iteration > self.steps_logged_up_to:
             means = {f"train/{name}": total / self._count for name, total in self._sums.items()}
             self.buffer.add({**means, "lr": state.lr}, step=state.iteration)
             self.buffer.flush()
         self._sums, self._count = {}, 0
 
     def on_epoch_end(self, state: TrainState, metrics: dict[str, float]) -> None:
-        if state.iteration <= self.logged_up_to:
+        if state.iteration <= self.epochs_logged_up_to:
             return
         values = {f"epoch/train_{name}": v for name, v in state.epoch_losses.items()}
         values["epoch"] = float(state.epochs_completed)
@@ -102,19 +107,14 @@ class MlflowTrialLogger(Callback):
 
     # ---- helpers ----------------------------------------------------------------------------
 
-    def _highest_logged_step(self) -> int:
+    def _highest_logged_step(self, key: str) -> int:
+        """The last step at which ``key`` reached the run (-1: never)."""
         history = with_retries(
-            lambda: self.client.get_metric_history(self.run_id, STEP_METRIC),
+            lambda: self.client.get_metric_history(self.run_id, key),
             what="metric history",
             timeout=self.flush_timeout,
         )
-        epochs = with_retries(
-            lambda: self.client.get_metric_history(self.run_id, "epoch"),
-            what="metric history",
-            timeout=self.flush_timeout,
-        )
-        steps = [m.step for m in history] + [m.step for m in epochs]
-        return max(steps, default=-1)
+        return max((m.step for m in history), default=-1)
 
     def _log_artifacts(self, metrics: dict[str, float]) -> None:
         trainer = self.trainer
