@@ -290,9 +290,8 @@ def natural_order(value: str) -> tuple[int, float, str]:
         return (1, 0.0, value)
 
 
-def sweep_table(client: Any, experiment: str, sweep_id: str) -> str:
-    """The sweep's leaderboard as Markdown, for its parent run's artifacts."""
-    _, summaries = load_trials(client, experiment, sweep_id=sweep_id)
+def markdown_table(summaries: list[DatasetSummary]) -> str:
+    """The leaderboard of ``summaries`` as Markdown, for a sweep's parent run."""
     return render(*leaderboard_cells(leaderboard(summaries, None)), "md")
 
 

@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from autoassign.engine.checkpoint import CHECKPOINT_FILE
+from orchestration.tracking import TAG_DATASET, TAG_METRIC, TAG_SWEEP_ID
 
 MODEL_PREFIX = "autoassign-"
 BEST_ALIAS = "best"
 ARTIFACT_FOLDER = "model"
-TAG_METRIC = "autoassign.metric"
 TAG_VALUE = "autoassign.metric_value"
 TAG_COMPARISON = "autoassign.best_comparison"
 
@@ -73,7 +73,7 @@ def register_best(
                 run_id=row["run_id"],
                 metric=row["metric"],
                 value=float(row["value"]),
-                tags={"autoassign.sweep_id": sweep_id, "autoassign.dataset": row["dataset"]},
+                tags={TAG_SWEEP_ID: sweep_id, TAG_DATASET: row["dataset"]},
             )
         )
     return registered

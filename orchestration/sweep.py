@@ -297,18 +297,17 @@ def run_sweep(
 def _log_comparison(tracker: Any, where: Locations, sweep_id: str, parent_run_id: str) -> None:
     """``compare.md`` (the table ``python -m orchestration.compare`` prints) and the sweep's
     charts (``plots/``), beside the sweep and on its parent run."""
-    from orchestration.compare import CompareError, load_trials, sweep_table
+    from orchestration.compare import CompareError, load_trials, markdown_table
     from orchestration.sweep_plots import sweep_plots
 
     try:
-        table = sweep_table(tracker.client, where.experiment, sweep_id)
+        _, summaries = load_trials(tracker.client, where.experiment, sweep_id=sweep_id)
     except CompareError as error:  # no trial ever opened a run
         print(f"no comparison table: {error}")
         return
     path = where.output_dir / COMPARISON
-    path.write_text(table, encoding="utf-8")
+    path.write_text(markdown_table(summaries), encoding="utf-8")
     tracker.log_artifact(parent_run_id, path)
-    _, summaries = load_trials(tracker.client, where.experiment, sweep_id=sweep_id)
     for plot in sweep_plots(tracker.client, summaries, where.output_dir / PLOTS):
         tracker.log_artifact(parent_run_id, plot, PLOTS)
 
