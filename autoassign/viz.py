@@ -1,10 +1,12 @@
-"""Pictures of what a detector learned: the per-class center priors, and boxes on images."""
+"""Pictures of what a detector learned: the per-class center priors, precision-recall curves,
+and boxes on images."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -95,6 +97,85 @@ def draw_detections(
         draw.rectangle((x1, y1, x2, y2), outline=color, width=2)
         draw.text((x1 + 2, max(y1 - 11, 0)), f"{class_names[int(label)]} {score:.2f}", fill=color)
     return canvas
+
+
+def draw_ground_truth(
+    image: Image.Image, boxes: np.ndarray, ignore: np.ndarray | None = None
+) -> Image.Image:
+    """A copy of ``image`` with each ground-truth ``[x1, y1, x2, y2]`` box (pixels) outlined
+    thinly in white (ignored ones in grey), to draw predictions over."""
+    canvas = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(canvas)
+    ignore = np.zeros(len(boxes), bool) if ignore is None else np.asarray(ignore, bool)
+    for box, ignored in zip(boxes, ignore):
+        x1, y1, x2, y2 = (float(v) for v in box)
+        draw.rectangle((x1, y1, x2, y2), outline=(128, 128, 128) if ignored else (255, 255, 255))
+    return canvas
+
+
+PR_FIGURE_INCHES = (7.0, 6.0)
+PR_FIGURE_DPI = 100  # so pr_curves.png is 700 x 600 pixels
+
+
+def plot_pr_curves(curves: Mapping[str, Any], path: str | Path, title: str = "") -> Path:
+    """One precision-recall line per curve (an evaluator's ``curves``, or their JSON form).
+
+    ``curves`` maps a name (a class, or a WiderFace setting) to an object or dict with
+    ``recall``, ``precision`` (``[P]`` each) and ``ap``. The legend names each with its AP
+    when there are at most 20; more (Objects365's 365 classes) are drawn thin, unlabelled.
+    """
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=PR_FIGURE_INCHES, dpi=PR_FIGURE_DPI)
+    many = len(curves) > 20
+    colors = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20")
+    for i, (name, curve) in enumerate(curves.items()):
+        recall, precision, ap = _curve_fields(curve)
+        ax.plot(
+            recall,
+            precision,
+            lw=0.6 if many else 1.5,
+            alpha=0.5 if many else 1.0,
+            color=colors(i % colors.N),
+            label=None if many else f"{name} (AP {ap:.3f})",
+        )
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title(title or f"Precision-recall ({len(curves)} curves)")
+    ax.grid(alpha=0.3)
+    if curves and not many:
+        ax.legend(loc="lower left", fontsize="small")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)  # fixed size: no bbox_inches="tight"
+    plt.close(fig)
+    return path
+
+
+def write_pr_curve_report(
+    curves: Mapping[str, Any], output_dir: str | Path, title: str = ""
+) -> tuple[Path, Path]:
+    """Write ``pr_curves.png`` and ``pr_curves.json`` (name -> recall, precision, ap)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    data = {}
+    for name, curve in curves.items():
+        recall, precision, ap = _curve_fields(curve)
+        data[name] = {
+            "recall": [round(float(v), 6) for v in recall],
+            "precision": [round(float(v), 6) for v in precision],
+            "ap": float(ap),
+        }
+    json_path = output_dir / "pr_curves.json"
+    json_path.write_text(json.dumps(data) + "\n", encoding="utf-8")
+    return plot_pr_curves(curves, output_dir / "pr_curves.png", title), json_path
+
+
+def _curve_fields(curve: Any) -> tuple[np.ndarray, np.ndarray, float]:
+    if isinstance(curve, Mapping):
+        return np.asarray(curve["recall"]), np.asarray(curve["precision"]), float(curve["ap"])
+    return np.asarray(curve.recall), np.asarray(curve.precision), float(curve.ap)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

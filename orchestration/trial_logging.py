@@ -6,7 +6,8 @@
 - per epoch: ``epoch/train_<loss>`` means and every evaluation metric, with the global
   iteration as the step,
 - at the end: the resolved config, the final evaluation, per-class AP, the learned center
-  priors (plot and values) and a few validation images with their predictions drawn.
+  priors (plot and values), the evaluator's precision-recall curves (plot and values) and a
+  few validation images with their predictions drawn over the ground truth.
 
 A worker restarted from a checkpoint re-runs steps it already logged: steps up to the highest
 one the run already holds are not logged again, so no epoch appears twice. Metrics go through
@@ -30,6 +31,14 @@ logger = logging.getLogger(__name__)
 
 STEP_METRIC = "train/loss"
 VALIDATION_SAMPLES = 3
+# What the trainer leaves in its output folder at the end, logged as the trial's artifacts.
+FINAL_OUTPUT_FILES = (
+    "config.yaml",
+    "center_prior.png",
+    "center_prior.json",
+    "pr_curves.png",
+    "pr_curves.json",
+)
 
 
 class MlflowTrialLogger(Callback):
@@ -126,7 +135,7 @@ class MlflowTrialLogger(Callback):
             summary = {k: v for k, v in metrics.items() if not k.startswith("AP/")}
             (folder / "final_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
             files = [folder / "per_class_ap.json", folder / "final_metrics.json"]
-            files += [out / n for n in ("config.yaml", "center_prior.png", "center_prior.json")]
+            files += [out / name for name in FINAL_OUTPUT_FILES]
             for path in files:
                 if path.is_file():
                     with_retries(
@@ -151,12 +160,13 @@ class MlflowTrialLogger(Callback):
 
 
 def draw_validation_samples(trainer: Any, folder: Path, count: int) -> int:
-    """Draw the detector's predictions on the first ``count`` val images; images written."""
+    """Draw the detector's predictions (coloured, captioned) over the ground truth (white)
+    on the first ``count`` val images; returns how many were written."""
     import torch
     from PIL import Image
 
     from autoassign.data.transforms import load_image, resize_image
-    from autoassign.viz import draw_detections
+    from autoassign.viz import draw_detections, draw_ground_truth
 
     detector = trainer.detector
     records = trainer.val_dataset.records[:count]
@@ -173,7 +183,9 @@ def draw_validation_samples(trainer: Any, folder: Path, count: int) -> int:
             (output,) = detector([resized.to(trainer.device)], original_sizes=[size])
             keep = output["scores"] >= 0.3
             canvas = draw_detections(
-                Image.fromarray(image.permute(1, 2, 0).numpy()),
+                draw_ground_truth(
+                    Image.fromarray(image.permute(1, 2, 0).numpy()), record.boxes, record.ignore
+                ),
                 output["boxes"][keep].cpu().numpy(),
                 output["labels"][keep].cpu().tolist(),
                 output["scores"][keep].cpu().numpy(),

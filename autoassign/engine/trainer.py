@@ -806,13 +806,19 @@ class Trainer:
     def _write_final_outputs(self, metrics: dict[str, float]) -> None:
         if not self.is_main:
             return
-        from autoassign.viz import write_center_prior_report
+        from autoassign.viz import write_center_prior_report, write_pr_curve_report
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "final_metrics.json").write_text(
             json.dumps(json_safe(metrics), indent=2) + "\n", encoding="utf-8"
         )
         write_center_prior_report(self.detector, self.train_dataset.class_names, self.output_dir)
+        if self.evaluator.curves:
+            write_pr_curve_report(
+                self.evaluator.curves,
+                self.output_dir,
+                f"{self.val_dataset.format} {self.val_dataset.split}: precision-recall",
+            )
 
 
 def _ranks(ranks: list[int]) -> str:

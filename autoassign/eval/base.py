@@ -33,6 +33,8 @@ from autoassign.errors import AutoAssignError
 
 logger = logging.getLogger(__name__)
 
+MAX_CURVE_POINTS = 400  # what a plot or a JSON artifact needs of a curve of many detections
+
 
 class EvaluationError(AutoAssignError):
     """Bad predictions or ground truth given to an evaluator; the message names the culprit."""
@@ -154,6 +156,28 @@ def _broadcast_from_main(value: Any) -> Any:
     return holder[0]
 
 
+@dataclass(frozen=True)
+class PRCurve:
+    """One precision-recall curve as an evaluator accumulated it.
+
+    ``recall`` and ``precision`` are ``[P]`` float arrays of the same length, in the order the
+    protocol walks them (descending score, or ascending recall threshold); ``ap`` is the AP
+    the protocol computes from this curve (COCO: AP50 of the class; VOC: its AP in the
+    configured kind; WiderFace: the setting's AP).
+    """
+
+    recall: np.ndarray
+    precision: np.ndarray
+    ap: float
+
+    def thinned(self, max_points: int = MAX_CURVE_POINTS) -> PRCurve:
+        """At most ``max_points`` evenly spaced points, the first and last kept."""
+        if len(self.recall) <= max_points:
+            return self
+        keep = np.unique(np.linspace(0, len(self.recall) - 1, max_points).round().astype(int))
+        return PRCurve(self.recall[keep], self.precision[keep], self.ap)
+
+
 class Evaluator:
     """Base class: collects predictions per image; subclasses implement :meth:`compute`.
 
@@ -163,6 +187,9 @@ class Evaluator:
         dataset: the split being evaluated (records and ``meta``).
         notes: what the last :meth:`evaluate` did differently from the official protocol
             (for example a fallback); empty when it followed it exactly.
+        curves: the precision-recall curves of the last :meth:`evaluate`, as the protocol
+            accumulated them, on rank 0 only (empty elsewhere): curve name ->
+            :class:`PRCurve`.
     """
 
     primary_metric: str = ""
@@ -170,6 +197,7 @@ class Evaluator:
     def __init__(self, dataset: DetectionDataset):
         self.dataset = dataset
         self.notes: list[str] = []
+        self.curves: dict[str, PRCurve] = {}
         self._file_names = {record.file_name for record in dataset.records}
         self._store: PredictionStore = {}
 
@@ -177,6 +205,7 @@ class Evaluator:
         """Forget every processed prediction."""
         self._store = {}
         self.notes = []
+        self.curves = {}
 
     def process(self, predictions: list[dict]) -> None:
         """Store the predictions of a batch of images.
@@ -214,6 +243,7 @@ class Evaluator:
         same message, on the other ranks (so none waits forever).
         """
         self.notes = []
+        self.curves = {}
         store = gather_prediction_store_to_main(self._store)
         outcome: tuple[str, Any, list[str]] | None = None
         error: Exception | None = None
@@ -235,7 +265,10 @@ class Evaluator:
         return value
 
     def compute(self, store: PredictionStore) -> dict[str, float]:
-        """The protocol's metrics for ``store`` (images missing from it found nothing)."""
+        """The protocol's metrics for ``store`` (images missing from it found nothing).
+
+        Subclasses also fill :attr:`curves` with the curves behind those metrics.
+        """
         raise NotImplementedError
 
 

@@ -30,7 +30,13 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from autoassign.data.records import DetectionDataset
-from autoassign.eval.base import EvaluationError, Evaluator, PredictionStore, nan_if_negative
+from autoassign.eval.base import (
+    EvaluationError,
+    Evaluator,
+    PRCurve,
+    PredictionStore,
+    nan_if_negative,
+)
 
 SUMMARY_NAMES = (
     "bbox_mAP",
@@ -197,7 +203,23 @@ class COCOEvaluator(Evaluator):
             for name, value in zip(SUMMARY_NAMES, coco_eval.stats[: len(SUMMARY_NAMES)])
         }
         metrics.update(self._per_class_ap(coco_eval))
+        self.curves = self._curves_at_iou50(coco_eval)
         return metrics
+
+    def _curves_at_iou50(self, coco_eval: COCOeval) -> dict[str, PRCurve]:
+        """Per class with ground truth: pycocotools' interpolated precision at its 101 recall
+        thresholds, IoU 0.50, all areas, 100 detections (``AP`` is that curve's mean)."""
+        precision = coco_eval.eval["precision"]
+        recall_thresholds = np.asarray(coco_eval.params.recThrs, dtype=np.float64)
+        position = {category_id: k for k, category_id in enumerate(coco_eval.params.catIds)}
+        curves = {}
+        for name, category_id in zip(self.dataset.class_names, self._category_ids):
+            values = np.asarray(precision[0, :, position[category_id], 0, -1], dtype=np.float64)
+            if (values < 0).all():  # no ground truth of this class
+                continue
+            values = np.maximum(values, 0.0)
+            curves[name] = PRCurve(recall_thresholds, values, float(values.mean()))
+        return curves
 
     def _per_class_ap(self, coco_eval: COCOeval) -> dict[str, float]:
         # precision: [IoU thresholds, recall thresholds, categories, area ranges, maxDets];

@@ -26,7 +26,7 @@ from typing import Literal
 import numpy as np
 
 from autoassign.data.records import DetectionDataset
-from autoassign.eval.base import Evaluator, PredictionStore
+from autoassign.eval.base import Evaluator, PRCurve, PredictionStore
 
 IOU_THRESHOLD = 0.5
 
@@ -152,6 +152,8 @@ class VOCEvaluator(Evaluator):
                 continue
             ap_11pt[name] = average_precision_11pt(curve.recall, curve.precision)
             ap_area[name] = average_precision_area(curve.recall, curve.precision)
+            chosen_ap = ap_11pt[name] if self.metric == "11pt" else ap_area[name]
+            self.curves[name] = PRCurve(curve.recall, curve.precision, chosen_ap).thinned()
         if not ap_11pt:
             self.notes.append("no class has a non-difficult object in this split; mAP is NaN")
 

@@ -54,7 +54,7 @@ import numpy as np
 import scipy.io
 
 from autoassign.data.records import DetectionDataset, ImageRecord
-from autoassign.eval.base import EvaluationError, Evaluator, PredictionStore
+from autoassign.eval.base import EvaluationError, Evaluator, PRCurve, PredictionStore
 
 SETTINGS = ("easy", "medium", "hard")
 IOU_THRESHOLD = 0.5
@@ -194,18 +194,22 @@ def voc_area_ap_skipping_nan(recall: np.ndarray, precision: np.ndarray) -> float
     return float(np.sum((recall[steps + 1] - recall[steps]) * precision[steps + 1]))
 
 
-def setting_ap(
+def setting_pr(
     images: list[EvalImage],
     boxes: dict[str, np.ndarray],
     scores: dict[str, np.ndarray],
     setting: str,
-) -> float:
-    """The official AP of one setting.
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The official precision-recall curve of one setting.
 
     Args:
         images: the evaluated images.
         boxes, scores: file_name -> ``[K, 4]`` detections and their ``[K]`` normalised
             scores, sorted by descending score; images missing from them have none.
+
+    Returns:
+        ``recall`` and ``precision``, ``[1000]`` each, at thresholds ``1 - t / 1000``
+        (precision NaN where nothing scores that high), and the number of faces that count.
     """
     num_counted = 0
     totals = np.zeros((NUM_THRESHOLDS, 2))
@@ -219,6 +223,17 @@ def setting_ap(
     with np.errstate(divide="ignore", invalid="ignore"):
         precision = totals[:, 1] / totals[:, 0]
         recall = totals[:, 1] / num_counted
+    return recall, precision, num_counted
+
+
+def setting_ap(
+    images: list[EvalImage],
+    boxes: dict[str, np.ndarray],
+    scores: dict[str, np.ndarray],
+    setting: str,
+) -> float:
+    """The official AP of one setting (arguments as :func:`setting_pr`)."""
+    recall, precision, num_counted = setting_pr(images, boxes, scores, setting)
     if num_counted == 0:
         return float("nan")
     return voc_area_ap_skipping_nan(recall, precision)
@@ -409,4 +424,15 @@ class WiderFaceEvaluator(Evaluator):
             order = np.argsort(-normalised[file_name], kind="stable")
             boxes[file_name] = predictions.boxes[order]
             scores[file_name] = normalised[file_name][order]
-        return {f"AP_{s}": setting_ap(images, boxes, scores, s) for s in SETTINGS}
+        metrics = {}
+        for setting in SETTINGS:
+            recall, precision, num_counted = setting_pr(images, boxes, scores, setting)
+            if num_counted == 0:
+                metrics[f"AP_{setting}"] = float("nan")
+                continue
+            metrics[f"AP_{setting}"] = voc_area_ap_skipping_nan(recall, precision)
+            drawn = np.isfinite(precision)  # thresholds above every score have no precision
+            self.curves[setting] = PRCurve(
+                recall[drawn], precision[drawn], metrics[f"AP_{setting}"]
+            ).thinned()
+        return metrics

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import PIL.Image
 import pytest
 
 from tests.integration.conftest import BUCKET, SECRET_KEY, synthetic, tiny_sweep
@@ -92,7 +94,7 @@ def test_parent_and_child_runs(finished_sweep, mlflow_server):
         assert child.data.params["model.center_prior.sigma_init"] == "[1.0, 1.0]"
 
 
-def test_good_trials_log_every_step_and_epoch_once(finished_sweep, mlflow_server):
+def test_good_trials_log_every_step_and_epoch_once(finished_sweep, mlflow_server, tmp_path_factory):
     client, runs = _runs(mlflow_server)
     good = [r for r in runs if r.data.params.get("train.lr") == str(GOOD_LR)]
     assert len(good) == 2
@@ -115,11 +117,30 @@ def test_good_trials_log_every_step_and_epoch_once(finished_sweep, mlflow_server
             "per_class_ap.json",
             "center_prior.png",
             "center_prior.json",
+            "pr_curves.png",
+            "pr_curves.json",
             "validation_samples",
         } <= artifacts
         samples = client.list_artifacts(run_id, "validation_samples")
         assert 1 <= len(samples) <= 3
+        _check_pr_curves(client, run_id, metric, history[-1].value, tmp_path_factory)
         assert run.data.tags["autoassign.checkpoint_uri"].startswith(f"s3://{BUCKET}/ray/")
+
+
+def _check_pr_curves(client, run_id: str, metric: str, final_value: float, tmp_path_factory):
+    """The curves a trial logged are the final evaluation's: COCO one per class with ground
+    truth (101 points), WiderFace one per setting with AP_<setting> its AP."""
+    folder = tmp_path_factory.mktemp("pr")
+    curves = json.loads(
+        Path(client.download_artifacts(run_id, "pr_curves.json", str(folder))).read_text()
+    )
+    if metric == "AP_hard":
+        assert sorted(curves) == ["easy", "hard", "medium"]
+        assert curves["hard"]["ap"] == pytest.approx(final_value)
+    else:
+        assert curves and all(len(c["recall"]) == 101 for c in curves.values())
+    with PIL.Image.open(client.download_artifacts(run_id, "pr_curves.png", str(folder))) as png:
+        assert png.format == "PNG" and png.size == (700, 600)
 
 
 def test_nonfinite_trials_fail_alone_with_reason(finished_sweep, mlflow_server):

@@ -13,6 +13,7 @@ import math
 import time
 from pathlib import Path
 
+import PIL.Image
 import pytest
 import torch
 
@@ -158,6 +159,15 @@ def test_short_training_lowers_the_loss_and_writes_its_outputs(dataset_root, tmp
     assert [p["class"] for p in priors] == ["disc", "ring"]
     assert (out / "center_prior.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "config.yaml").is_file()
+    # The final evaluation's curves: one per class with ground truth, pycocotools' 101 points,
+    # each AP50 the mean of its precisions; the plot is the fixed 700 x 600 figure.
+    curves = json.loads((out / "pr_curves.json").read_text())
+    assert sorted(curves) == ["disc", "ring"]
+    for curve in curves.values():
+        assert len(curve["recall"]) == len(curve["precision"]) == 101
+        assert curve["ap"] == pytest.approx(sum(curve["precision"]) / 101, abs=1e-5)
+    with PIL.Image.open(out / "pr_curves.png") as picture:
+        assert picture.format == "PNG" and picture.size == (700, 600)
 
 
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(dataset_root, tmp_path):

@@ -308,3 +308,24 @@ def test_records_that_the_json_does_not_have(one_box):
     evaluator = COCOEvaluator(one_box)
     with pytest.raises(EvaluationError, match=r"image ids \[99\]"):
         evaluator.evaluate()
+
+
+def test_curves_are_pycocotools_precision_at_iou_half(tmp_path):
+    dataset = write_coco(
+        tmp_path,
+        [image(1), image(2)],
+        [
+            {"image_id": 1, "category_id": 3, "bbox": [10, 10, 100, 100]},
+            {"image_id": 2, "category_id": 3, "bbox": [20, 20, 100, 100]},
+        ],
+    )
+    evaluator = build_evaluator(dataset)
+    evaluator.process([prediction("0001.jpg", [[10, 10, 110, 110]], [0.9], [0])])
+    metrics = evaluator.evaluate()
+    assert list(evaluator.curves) == ["cat"]  # dog and bird have no ground truth
+    curve = evaluator.curves["cat"]
+    assert len(curve.recall) == 101 and curve.recall[0] == 0.0 and curve.recall[-1] == 1.0
+    # One of two cats found at precision 1: precision 1 up to recall 0.5, then 0.
+    np.testing.assert_allclose(curve.precision[curve.recall <= 0.5], 1.0)
+    np.testing.assert_allclose(curve.precision[curve.recall > 0.5], 0.0)
+    assert curve.ap == pytest.approx(metrics["bbox_mAP_50"])

@@ -170,3 +170,22 @@ def test_area_uses_the_precision_envelope():
     metrics = evaluate(data, predictions)
     assert metrics["mAP_area"] == pytest.approx(2 / 3)
     assert metrics["mAP_11pt"] == pytest.approx(2 / 3)
+
+
+def test_curves_are_the_devkit_walk_behind_each_class_ap():
+    # The duplicate scene above: TP, duplicate FP, TP for aeroplane; no other class.
+    data = dataset(record("a", [PLANE], [0]), record("b", [[101, 101, 200, 150]], [0]))
+    predictions = [
+        det("a", [PLANE_DET, PLANE_DET], [0.9, 0.8], [0, 0]),
+        det("b", [[100, 100, 200, 150]], [0.7], [0]),
+    ]
+    evaluator = build_evaluator(data, EvalConfig(voc_metric="area"))
+    evaluator.process(predictions)
+    metrics = evaluator.evaluate()
+    assert list(evaluator.curves) == ["aeroplane"]  # classes without objects have no curve
+    curve = evaluator.curves["aeroplane"]
+    np.testing.assert_allclose(curve.recall, [0.5, 0.5, 1.0])
+    np.testing.assert_allclose(curve.precision, [1.0, 0.5, 2 / 3])
+    assert curve.ap == metrics["AP/aeroplane"]
+    evaluator.reset()
+    assert evaluator.curves == {}

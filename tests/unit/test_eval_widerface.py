@@ -384,3 +384,18 @@ def test_random_scenes_agree_with_the_literal_official_steps(tmp_path):
         expected = reference_ap(images, predictions, setting)
         assert 0.05 < expected < 0.95
         assert abs(metrics[f"AP_{setting}"] - expected) <= 1e-12, setting
+
+
+def test_curves_per_setting_are_what_the_ap_integrates(tmp_path):
+    image = Image("0--Parade", "0_Parade_2", [FACE_A, FACE_B])
+    boxes = [xyxy(FACE_A), [11, 10, 51, 50], xyxy(FACE_B)]
+    metrics, evaluator = evaluate(tmp_path, [image], [det(image, boxes, [0.9, 0.8, 0.1])])
+    assert sorted(evaluator.curves) == ["easy", "hard", "medium"]
+    hard = evaluator.curves["hard"]
+    assert hard.ap == metrics["AP_hard"]
+    # Thresholds above the top normalised score (1.0) propose nothing and are not drawn;
+    # the curve ends at the full list: 2 of 3 detections recall both faces.
+    assert len(hard.recall) == len(hard.precision) <= 400
+    assert np.isfinite(hard.precision).all()
+    assert hard.recall[-1] == pytest.approx(1.0) and hard.precision[-1] == pytest.approx(2 / 3)
+    assert set(np.round(hard.recall, 6)) == {0.5, 1.0}
