@@ -4,7 +4,10 @@
         [--root DIR] [--draw-threshold T] [--device auto|cpu|cuda]
 
 CHECKPOINT is a checkpoint directory (e.g. ``runs/x/checkpoints/last``) or its
-``checkpoint.pt``. IMAGES are image files or folders (searched recursively for
+``checkpoint.pt``, or a model URI that an installed package resolves
+(:mod:`autoassign.checkpoint_sources`): with the platform installed,
+``models:/autoassign-coco@best`` or ``models:/autoassign-coco/3`` from the MLflow model
+registry at ``MLFLOW_TRACKING_URI``. IMAGES are image files or folders (searched recursively for
 .jpg/.jpeg/.png). The model is rebuilt from the checkpoint's resolved config and weights;
 each image is resized as in evaluation (``model.input``). Written to ``--out`` (default
 ``predictions``):
@@ -39,7 +42,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Detect objects in images with a trained AutoAssign checkpoint.",
     )
     parser.add_argument(
-        "checkpoint", type=Path, help="a checkpoint directory or file written by training"
+        "checkpoint",
+        help="a checkpoint directory or file written by training, or a model URI that an "
+        "installed resolver knows (models:/NAME@ALIAS with the platform installed)",
     )
     parser.add_argument("images", nargs="+", type=Path, help="image files or folders")
     parser.add_argument("--out", type=Path, default=Path("predictions"), help="output folder")
@@ -125,13 +130,19 @@ class Predictor:
             raise CheckpointError(f"{checkpoint_path}: weights do not fit: {first}") from None
         self.model = model.to(self.device).eval()
 
-    @torch.no_grad()
     def __call__(self, path: Path) -> dict[str, torch.Tensor]:
         """Detections of one image file: ``boxes`` ``[K, 4]`` xyxy in its pixels, ``scores``
         ``[K]``, ``labels`` ``[K]`` class indices."""
-        from autoassign.data.transforms import load_image, resize_image
+        from autoassign.data.transforms import load_image
 
-        image = load_image(path)
+        return self.detect(load_image(path))
+
+    @torch.no_grad()
+    def detect(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Detections of one decoded image, ``[3, H, W]`` uint8 RGB (what ``load_image``
+        gives): ``boxes`` ``[K, 4]`` xyxy in its pixels, ``scores`` ``[K]``, ``labels`` ``[K]``."""
+        from autoassign.data.transforms import resize_image
+
         original_size = (int(image.shape[-2]), int(image.shape[-1]))
         input_cfg = self.config.model.input
         resized, _ = resize_image(image, input_cfg.min_size, input_cfg.max_size)
@@ -142,13 +153,14 @@ class Predictor:
 def run(args: argparse.Namespace) -> Path:
     from PIL import Image
 
+    from autoassign.checkpoint_sources import resolve_checkpoint
     from autoassign.data.records import DetectionDataset
     from autoassign.eval.predictions import write_predictions
     from autoassign.viz import draw_detections
 
     images = find_images(args.images)
     names = [image_name(path, args.root) for path in images]
-    predictor = Predictor(args.checkpoint, device=args.device)
+    predictor = Predictor(resolve_checkpoint(args.checkpoint), device=args.device)
     predictions = []
     for path, name in zip(images, names):
         output = predictor(path)

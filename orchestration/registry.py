@@ -1,8 +1,9 @@
 """The MLflow model registry: one registered model per dataset, alias ``best`` on the winner.
 
 At the end of a sweep, each dataset's best trial becomes a new version of
-``autoassign-<dataset>``: its checkpoint (``model/checkpoint.pt``, the library's own file, with
-its resolved config inside) is logged to the trial's run and the version points there. The
+``autoassign-<dataset>``: its checkpoint (the library's own file, with its resolved config
+inside) is logged to the trial's run as an MLflow model with a signature (``model/``, see
+:mod:`orchestration.mlflow_model`) and the version points there. The
 alias ``best`` moves to the new version only when its ranking metric beats the version that
 holds it now; a worse sweep never demotes a better model. Each version records the
 comparison in its ``autoassign.best_comparison`` tag.
@@ -11,8 +12,10 @@ comparison in its ``autoassign.best_comparison`` tag.
     python -m orchestration.registry predict autoassign-coco@best images/ --out predictions/
 
 Both also take ``NAME/VERSION`` and ``models:/`` URIs. :func:`load_detector` gives back a
-ready :class:`autoassign.predict.Predictor`. (``autoassign.predict`` itself never imports
-MLflow: the library stays free of the platform, so registry URIs are resolved here.)
+ready :class:`autoassign.predict.Predictor`. ``python -m autoassign.predict
+models:/autoassign-coco@best IMAGES`` works too: the library never imports MLflow, but this
+package registers :func:`resolve_model_uri` for the ``models`` scheme
+(:mod:`autoassign.checkpoint_sources`). ``mlflow.pyfunc.load_model`` loads a version as well.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from autoassign.engine.checkpoint import CHECKPOINT_FILE
+from autoassign.errors import CheckpointError
 from orchestration.tracking import TAG_DATASET, TAG_METRIC, TAG_SWEEP_ID
 
 MODEL_PREFIX = "autoassign-"
@@ -36,7 +40,7 @@ TAG_VALUE = "autoassign.metric_value"
 TAG_COMPARISON = "autoassign.best_comparison"
 
 
-class RegistryError(Exception):
+class RegistryError(CheckpointError):
     """A model reference that names nothing in the registry, or a version without files."""
 
 
@@ -57,6 +61,8 @@ def register_best(
     client: Any, rows: list[dict[str, Any]], *, storage: Any, sweep_id: str
 ) -> list[Registration]:
     """Register each leaderboard row's checkpoint as a version of its dataset's model."""
+    from orchestration.mlflow_model import save_detector_model
+
     registered = []
     for row in rows:
         if row.get("status") != "ok" or not row.get("checkpoint") or not row.get("run_id"):
@@ -65,7 +71,8 @@ def register_best(
             local = storage.download_file(
                 f"{row['checkpoint'].rstrip('/')}/{CHECKPOINT_FILE}", Path(tmp) / CHECKPOINT_FILE
             )
-            client.log_artifact(row["run_id"], str(local), ARTIFACT_FOLDER)
+            model = save_detector_model(local, Path(tmp) / ARTIFACT_FOLDER)
+            client.log_artifacts(row["run_id"], str(model), ARTIFACT_FOLDER)
         registered.append(
             register_version(
                 client,
@@ -173,21 +180,33 @@ def resolve_version(client: Any, reference: str) -> Any:
 
 
 def download(client: Any, reference: str, destination: Path) -> Path:
-    """The version's checkpoint file, downloaded under ``destination``."""
+    """The version's checkpoint file, downloaded (with its MLflow model) under ``destination``."""
     import mlflow
+
+    from orchestration.mlflow_model import checkpoint_in
 
     version = resolve_version(client, reference)
     local = Path(
         mlflow.artifacts.download_artifacts(
             artifact_uri=version.source,
             dst_path=str(destination),
-            tracking_uri=client._tracking_client.tracking_uri,
+            tracking_uri=client.tracking_uri,
         )
     )
-    checkpoint = local / CHECKPOINT_FILE if local.is_dir() else local
-    if not checkpoint.is_file():
+    checkpoint = checkpoint_in(local) if local.is_dir() else local
+    if checkpoint is None or not checkpoint.is_file():
         raise RegistryError(f"{reference}: version {version.version} has no {CHECKPOINT_FILE}")
     return checkpoint
+
+
+def resolve_model_uri(uri: str) -> Path:
+    """The ``models`` resolver of :mod:`autoassign.checkpoint_sources`: the checkpoint of
+    ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` from the registry at
+    ``MLFLOW_TRACKING_URI``, downloaded to a new temporary folder."""
+    from mlflow.tracking import MlflowClient
+
+    folder = Path(tempfile.mkdtemp(prefix="autoassign-model-"))
+    return download(MlflowClient(), uri, folder)
 
 
 def load_detector(reference: str, *, tracking_uri: str | None = None, device: str = "auto"):
@@ -222,8 +241,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from mlflow.tracking import MlflowClient
-
-    from autoassign.errors import CheckpointError
 
     args = parse_args(argv)
     client = MlflowClient(args.tracking_uri)

@@ -6,6 +6,8 @@ a real sweep on an ``mlflow server`` with S3 artifacts is in tests/integration/t
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +20,7 @@ from autoassign.config import ExperimentConfig
 from autoassign.engine.checkpoint import CHECKPOINT_FILE, save_checkpoint
 from autoassign.model import build_detector
 from autoassign.predict import Predictor
+from orchestration.mlflow_model import SIGNATURE
 from orchestration.registry import (
     BEST_ALIAS,
     TAG_COMPARISON,
@@ -40,6 +43,8 @@ def world(tmp_path):
     experiment = client.create_experiment("reg", artifact_location=(tmp_path / "art").as_uri())
     data = tiny_config(tmp_path / "data", tmp_path / "out").model_dump(mode="json")
     data["model"]["input"] = {"min_size": 256, "max_size": 256}  # P7 needs more than 1x1 for GN
+    # An untrained head scores about 0.01: keep every candidate, so predictions are compared.
+    data["model"]["inference"] = {"score_threshold": 0.0, "max_detections": 50}
     config = ExperimentConfig.model_validate(data)
     torch.manual_seed(0)
     model = build_detector(config.model)
@@ -112,10 +117,70 @@ def test_cli_load_and_unknown_models(world, tmp_path):
 
     ok = cli("load", "autoassign-shapes@best", "--out", str(tmp_path / "model"))
     assert ok.returncode == 0, ok.stderr
-    assert (tmp_path / "model" / "model" / CHECKPOINT_FILE).is_file() or any(
-        (tmp_path / "model").rglob(CHECKPOINT_FILE)
-    )
+    assert (tmp_path / "model" / "model" / "artifacts" / CHECKPOINT_FILE).is_file()
+    assert (tmp_path / "model" / "model" / "MLmodel").is_file()
     assert "2 classes" in ok.stdout
     bad = cli("load", "autoassign-nothing@best")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "registered models: autoassign-shapes" in bad.stderr
+
+
+def test_a_version_is_an_mlflow_model_with_a_signature(world):
+    import mlflow.pyfunc
+    import numpy as np
+
+    finish_sweep(world, "sweep1", 0.40)
+    mlflow.set_tracking_uri(world["uri"])
+    mlflow.set_registry_uri(world["uri"])
+    try:
+        model = mlflow.pyfunc.load_model("models:/autoassign-shapes@best")
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+    assert model.metadata.signature == SIGNATURE
+    assert model.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, -1, 3)
+    pixels = np.asarray(Image.open(world["image"]).convert("RGB"))
+    table = model.predict(pixels)
+    direct = Predictor(world["ckpt"]["sweep1"], device="cpu")
+    want = direct(world["image"])
+    assert list(table.columns) == ["x1", "y1", "x2", "y2", "score", "label", "class_name"]
+    assert len(table) == len(want["scores"]) > 0
+    np.testing.assert_allclose(table[["x1", "y1", "x2", "y2"]].to_numpy(), want["boxes"].numpy())
+    np.testing.assert_allclose(table["score"].to_numpy(), want["scores"].numpy())
+    assert table["class_name"].tolist() == [direct.class_names[i] for i in want["labels"].tolist()]
+    cut = float(want["scores"].median())
+    high = model.predict(pixels, params={"score_threshold": cut})
+    assert len(high) == int((want["scores"] >= cut).sum()) < len(table)
+    with pytest.raises(Exception, match="shape|Shape"):
+        model.predict(pixels[..., :1])  # one channel: the signature refuses it
+
+
+def test_autoassign_predict_takes_a_registry_uri(world, tmp_path):
+    finish_sweep(world, "sweep1", 0.40)
+
+    def predict(model: str, out: Path, **env):
+        return subprocess.run(
+            [sys.executable, "-m", "autoassign.predict", model, str(world["image"]),
+             "--out", str(out), "--device", "cpu"],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+            env={**os.environ, **env},
+        )  # fmt: skip
+
+    by_uri = predict(
+        "models:/autoassign-shapes@best", tmp_path / "a", MLFLOW_TRACKING_URI=world["uri"]
+    )
+    assert by_uri.returncode == 0, by_uri.stderr
+    by_path = predict(str(world["ckpt"]["sweep1"]), tmp_path / "b")
+    assert by_path.returncode == 0, by_path.stderr
+    got = json.loads((tmp_path / "a" / "predictions.json").read_text())
+    assert got == json.loads((tmp_path / "b" / "predictions.json").read_text())
+    assert got[0]["scores"]  # something was detected, so equality says something
+
+    missing = predict(
+        "models:/autoassign-nothing@best", tmp_path / "c", MLFLOW_TRACKING_URI=world["uri"]
+    )
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert "registered models: autoassign-shapes" in missing.stderr
+    unknown = predict("gs://bucket/checkpoint.pt", tmp_path / "d")
+    assert unknown.returncode == 1 and "Traceback" not in unknown.stderr
+    assert "no checkpoint resolver for the scheme 'gs' (resolvers: models:)" in unknown.stderr
