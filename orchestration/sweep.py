@@ -259,7 +259,8 @@ def run_sweep(
         "trials": (manifest or {}).get("trials", {}),
     }
     write_manifest(sweep, manifest)
-    url = tracker.runs_table_url(sweep.tracking.ui_url)
+    tracker.publish_runs_view(runs_view_metrics(sweep), list(sweep.search_space))
+    url = tracker.runs_table_url(sweep.tracking.ui_url, with_view=True)
     print(f"sweep {sweep_id}: MLflow parent run {parent_run_id}")
     print(f"MLflow runs table: {url or ui_hint(where, tracker)}")
 
@@ -464,6 +465,23 @@ def parent_tags(sweep: SweepConfig, where: Locations, config_path: Path) -> dict
     return tags
 
 
+# The columns the runs table opens with, per protocol (all of them are still logged).
+VIEW_METRICS = {
+    "coco": ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75"),
+    "objects365": ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75"),
+    "voc": ("mAP",),
+    "widerface": ("AP_easy", "AP_medium", "AP_hard"),
+}
+
+
+def runs_view_metrics(sweep: SweepConfig) -> list[str]:
+    """Each dataset's ranking metric and its protocol's headline metrics, once each."""
+    metrics: list[str] = []
+    for dataset in sweep.datasets:
+        metrics += [dataset.ranking_metric, *VIEW_METRICS[dataset.format]]
+    return list(dict.fromkeys(metrics))
+
+
 def _log_parent(tracker: Any, run_id: str, sweep: SweepConfig, config_path: Path) -> None:
     import tempfile
 
@@ -518,10 +536,8 @@ def git_commit() -> str | None:
 
 
 def ui_hint(where: Locations, tracker: Any) -> str:
-    return (
-        f"run `mlflow ui --backend-store-uri {where.tracking_uri} --port 5000`, then open "
-        f"http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs"
-    )
+    url = tracker.runs_table_url("http://127.0.0.1:5000", with_view=True)
+    return f"run `mlflow ui --backend-store-uri {where.tracking_uri} --port 5000`, then open {url}"
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ state, so many trials in one process do not step on each other.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -41,6 +42,12 @@ TAG_FAILURE = "autoassign.failure_reason"
 TAG_EARLY_STOPPED = "autoassign.early_stopped"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_RUN_NAME = "mlflow.runName"
+# The MLflow UI's own experiment tags: what kind of experiment it is, and shared views.
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+SHARED_VIEW_PREFIX = "mlflow.sharedViewState."
+VIEW_URL_PARAMETER = "viewStateShareKey"
+RUNS_VIEW_KEY = "autoassign-sweep"
 
 MAX_BUFFERED_POINTS = 200_000
 """Metric points kept while the server is unreachable; beyond this the oldest are dropped
@@ -347,12 +354,54 @@ class Tracker:
                 closed.append(run.info.run_id)
         return closed
 
-    def runs_table_url(self, ui_url: str | None) -> str | None:
-        """The UI link to the experiment's runs table (MLflow 3 otherwise opens elsewhere)."""
+    def runs_table_url(self, ui_url: str | None, *, with_view: bool = False) -> str | None:
+        """The UI link to the experiment's runs table (MLflow 3 otherwise opens elsewhere);
+        ``with_view``: opened in the view :meth:`publish_runs_view` stored."""
         base = ui_url or (self.tracking_uri if self.tracking_uri.startswith("http") else None)
         if base is None:
             return None
-        return f"{redact(base.rstrip('/'))}/#/experiments/{self.experiment_id}/runs"
+        url = f"{redact(base.rstrip('/'))}/#/experiments/{self.experiment_id}/runs"
+        return f"{url}?{VIEW_URL_PARAMETER}={RUNS_VIEW_KEY}" if with_view else url
+
+    def publish_runs_view(self, metrics: Iterable[str], params: Iterable[str]) -> None:
+        """Store the runs-table view a sweep is compared in, as an MLflow shared view.
+
+        MLflow 3 opens a new experiment on its GenAI overview and shows no metric column
+        until the user picks them; this marks the experiment as model training and stores
+        (in the experiment tag the UI's "share view" uses) a view with the Dataset column,
+        the searched ``params`` and the protocols' key ``metrics`` as columns.
+        :meth:`runs_table_url` with ``with_view`` opens it.
+        """
+        experiment = with_retries(
+            lambda: self.client.get_experiment(self.experiment_id), what="experiment lookup"
+        )
+        if TAG_EXPERIMENT_KIND not in experiment.tags:
+            with_retries(
+                lambda: self.client.set_experiment_tag(
+                    self.experiment_id, TAG_EXPERIMENT_KIND, MODEL_TRAINING_KIND
+                ),
+                what="experiment tag",
+            )
+        view = json.dumps(runs_view_state(metrics, params))
+        with_retries(
+            lambda: self.client.set_experiment_tag(
+                self.experiment_id, SHARED_VIEW_PREFIX + RUNS_VIEW_KEY, view
+            ),
+            what="experiment tag",
+        )
+
+
+def runs_view_state(metrics: Iterable[str], params: Iterable[str]) -> dict[str, Any]:
+    """The MLflow UI's runs-table state for a sweep: which columns show, in order.
+
+    Column keys are the UI's own: ``attributes.`Dataset```, ``params.`train.lr```,
+    ``metrics.`bbox_mAP```. Expanded parents are per-user state the UI never shares: the
+    children appear under their parent when the user opens it (the ``+`` beside its name).
+    """
+    columns = ["attributes.`Dataset`", "attributes.`Models`"]
+    columns += [f"params.`{key}`" for key in dict.fromkeys(params)]
+    columns += [f"metrics.`{key}`" for key in dict.fromkeys(metrics)]
+    return {"selectedColumns": columns}
 
 
 @dataclass(frozen=True)

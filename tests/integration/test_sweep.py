@@ -9,6 +9,8 @@ alone with the library's reason, and record all of it in MLflow.
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,7 @@ import PIL.Image
 import pytest
 
 from tests.integration.conftest import BUCKET, SECRET_KEY, synthetic, tiny_sweep
+from tests.integration.mlflow_ui import RunsTable, missing_browser
 
 pytestmark = pytest.mark.integration
 
@@ -229,3 +232,60 @@ def test_best_trials_are_registered_and_load_from_the_registry(finished_sweep, m
     )
     assert predictor.config.model.num_classes == 2
     assert predictor.config.train.lr == GOOD_LR
+
+
+def _browser_or_skip() -> None:
+    reason = missing_browser()
+    if reason is None:
+        return
+    if os.environ.get("AUTOASSIGN_REQUIRE_BROWSER") == "1":  # set by .ci/run
+        pytest.fail(f"the MLflow UI test needs a browser: {reason}")
+    pytest.skip(f"the MLflow UI test needs a browser: {reason}")
+
+
+def _shows(cell: str, value: float) -> bool:
+    """The UI rounds metrics: the cell equals ``value`` to the decimals it shows."""
+    decimals = len(cell.split(".")[1]) if "." in cell else 0
+    return abs(float(cell) - value) <= 0.5 * 10**-decimals + 1e-12
+
+
+def test_the_mlflow_ui_shows_the_sweep_nested_with_its_columns(
+    finished_sweep, mlflow_server, tmp_path
+):
+    _browser_or_skip()
+    # The link the sweep printed opens its runs table in the view the sweep stored.
+    url = re.findall(r"MLflow runs table: (\S+)", finished_sweep["log"])[-1]
+    assert url.startswith(mlflow_server.uri) and "viewStateShareKey=autoassign-sweep" in url
+    client, runs = _runs(mlflow_server)
+    (parent,) = [r for r in runs if r.data.tags.get("autoassign.kind") == "sweep"]
+    parent_id = parent.info.run_id
+    children = {
+        r.info.run_id: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id
+    }
+    assert len(children) == 4
+
+    with RunsTable() as table:
+        table.open(url)
+        top = [row.run_id for row in table.rows()]
+        assert top == [parent_id]  # the trials are nested, collapsed until opened
+        table.expand(parent_id)
+        assert {"Run Name", "Dataset", "bbox_mAP", "AP_hard", "train.lr"} <= set(table.headers())
+        rows = table.rows()
+        table.screenshot(tmp_path / "runs_table.png")
+
+    assert rows[0].run_id == parent_id and rows[0].depth == 0
+    nested = rows[1:]
+    assert {row.run_id for row in nested} == set(children)
+    assert all(row.depth == 1 for row in nested)
+    for row in nested:
+        run = children[row.run_id]
+        dataset = run.data.params["dataset"]
+        assert row.cells["Dataset"].startswith(f"{dataset} (")  # e.g. "shapes (coco val)"
+        assert row.cells["train.lr"] == run.data.params["train.lr"]
+        metric = "bbox_mAP" if dataset == "shapes" else "AP_hard"
+        if run.info.status == "FINISHED":
+            assert metric in run.data.metrics
+        if metric in run.data.metrics:
+            assert _shows(row.cells[metric], run.data.metrics[metric]), (row.cells, metric)
+        else:
+            assert row.cells[metric] == "-"
