@@ -38,8 +38,9 @@ COPY scripts/ scripts/
 # - ray[default]: the dashboard and its Jobs API (port 8265), which `ray start --head` only
 #   runs with these extras (named here too, so the image has them whatever pyproject says;
 #   pip resolves it to the project's own Ray version).
-# - psycopg2-binary: the MLflow server's PostgreSQL backend store.
-RUN python -m pip install . "ray[default]" "psycopg2-binary>=2.9,<3" \
+# - psycopg 3: the MLflow server's PostgreSQL backend store (SQLAlchemy 2.1, which MLflow
+#   uses, reads postgresql:// URIs with psycopg 3, not psycopg2).
+RUN python -m pip install . "ray[default]" "psycopg[binary]>=3.1,<4" \
     && rm -rf build ./*.egg-info
 
 # /state is the scheduler's named volume: a fresh volume takes this folder's owner, so the

@@ -76,6 +76,7 @@ def connect(address: str | None) -> Any:
     """A ``JobSubmissionClient`` for ``address`` (None: ``RAY_ADDRESS``), or JobsError."""
     import os
 
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     target = address or os.environ.get("RAY_ADDRESS")
@@ -83,9 +84,18 @@ def connect(address: str | None) -> Any:
         raise JobsError("no cluster given: pass --address http://HEAD:8265 or set RAY_ADDRESS", 2)
     try:
         return JobSubmissionClient(target)
+    except AuthenticationError:
+        raise JobsError(unauthorised(target), 1) from None
     except (ConnectionError, ValueError, RuntimeError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise JobsError(f"cannot reach the Ray Jobs API at {target}: {first}", 1) from None
+        reason = _first_line(error)
+        raise JobsError(f"cannot reach the Ray Jobs API at {target}: {reason}") from None
+
+
+def unauthorised(target: str) -> str:
+    return (
+        f"the Ray cluster at {target} wants its auth token: set RAY_AUTH_MODE=token and "
+        "RAY_AUTH_TOKEN_PATH (or RAY_AUTH_TOKEN) to the cluster's token"
+    )
 
 
 def submit(

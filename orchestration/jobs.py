@@ -32,12 +32,19 @@ from orchestration.cluster_jobs import (
     job_info,
     status_text,
     submit,
+    unauthorised,
 )
 
 DEFAULT_STATE = Path("runs/scheduler/state.db")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Everything after a ``--`` goes to the sweep (``submit ... -- name=x --dry-run``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    sweep_args: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, sweep_args = argv[:cut], argv[cut + 1 :]
     parser = argparse.ArgumentParser(
         prog="python -m orchestration.jobs",
         description="Run sweeps on a Ray cluster as Ray Jobs, now or on a cron schedule.",
@@ -52,7 +59,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     sub.add_argument("config", type=Path)
     sub.add_argument("--working-dir", type=Path, default=Path("."), help="uploaded (default .)")
     sub.add_argument("--submission-id", help="the job id to use (default: Ray picks one)")
-    sub.add_argument("sweep_args", nargs=argparse.REMAINDER, help="after --: sweep arguments")
     for name, text in (("status", "a job's status"), ("stop", "stop a running job")):
         sub = with_address(commands.add_parser(name, help=text))
         sub.add_argument("job_id")
@@ -69,7 +75,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     sub = with_address(commands.add_parser("history", help="what the scheduler did"))
     sub.add_argument("--state", type=Path, default=DEFAULT_STATE)
     sub.add_argument("--schedule", help="only this schedule")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if sweep_args and args.command != "submit":
+        parser.error("arguments after -- are for `submit` only")
+    args.sweep_args = sweep_args
+    return args
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,8 +90,7 @@ def run(args: argparse.Namespace) -> int:
         return _history(args)
     client = connect(args.address)
     if command == "submit":
-        sweep_args = [a for a in args.sweep_args if a != "--"]
-        job = SweepJob(args.config, args.working_dir, tuple(sweep_args))
+        job = SweepJob(args.config, args.working_dir, tuple(args.sweep_args))
         job.check("submit")
         job_id = submit(client, job, submission_id=args.submission_id)
         print(job_id)
@@ -218,8 +227,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse_args(argv)
     except SystemExit as exit_:  # argparse: 2 for bad arguments
         return int(exit_.code or 0)
+    from ray.exceptions import AuthenticationError
+
     try:
         return run(args)
+    except AuthenticationError:
+        print(f"error: {unauthorised(args.address or _env_address() or '?')}", file=sys.stderr)
+        return 1
     except JobsError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code

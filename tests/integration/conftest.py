@@ -1,9 +1,14 @@
 """Real services for the integration tests, one of each per test session.
 
 - an S3 server on 127.0.0.1 (moto's server mode) with a test bucket;
-- an ``mlflow server`` process on 127.0.0.1 (SQLite store) whose artifacts go to that S3
-  (``--artifacts-destination``), restartable on the same port for the outage test;
-- a Ray head started with ``ray start`` (2 CPUs); sweeps reach it through ``RAY_ADDRESS``.
+- a PostgreSQL 15 server on 127.0.0.1 (Debian's binaries, run as the ``postgres`` system user
+  when the session is root, since ``initdb`` refuses root), the tracking store of:
+- an ``mlflow server`` process on 127.0.0.1 started with the backend-store and artifact flags
+  that ``docker-compose.yml`` gives the stack's ``mlflow`` service, artifacts on that S3,
+  restartable on the same port for the outage test (SQLite when no PostgreSQL is installed;
+  ``test_stack_tracking.py`` then skips, or fails under ``.ci/run``);
+- a Ray head started with ``ray start`` (2 CPUs, dashboard and Jobs API on 127.0.0.1); sweeps
+  reach it through ``RAY_ADDRESS``, Ray Jobs through its dashboard URL.
 
 Starting Ray (~25 s) and MLflow (~17 s) once per session keeps the suite within CI's time.
 """
@@ -40,11 +45,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_http(url: str, timeout: float) -> None:
+def wait_for_http(url: str, timeout: float, headers: dict[str, str] | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url, timeout=2) as response:
+            request = urllib.request.Request(url, headers=headers or {})
+            with urllib.request.urlopen(request, timeout=2) as response:
                 if response.status == 200:
                     return
         except OSError:
@@ -107,7 +113,8 @@ class MlflowServer:
     """``mlflow server`` on 127.0.0.1 that can be stopped and started again on its port."""
 
     port: int
-    store: Path
+    backend_store_uri: str
+    artifacts_destination: str
     env: dict[str, str]
     log: Path
     process: subprocess.Popen | None = field(default=None)
@@ -127,9 +134,9 @@ class MlflowServer:
             "--workers",
             "1",
             "--backend-store-uri",
-            f"sqlite:///{self.store}",
+            self.backend_store_uri,
             "--artifacts-destination",
-            f"s3://{BUCKET}/mlflow",
+            self.artifacts_destination,
         ]
         handle = self.log.open("a")
         self.process = subprocess.Popen(
@@ -154,11 +161,79 @@ class MlflowServer:
         return MlflowClient(self.uri)
 
 
+POSTGRES_BIN = Path("/usr/lib/postgresql/15/bin")
+COMPOSE_FILE = Path(__file__).resolve().parents[2] / "docker-compose.yml"
+
+
+@dataclass
+class Postgres:
+    port: int
+    database: str = "mlflow"
+
+    @property
+    def uri(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{self.database}"
+
+
+def _as_postgres_user(command: list[str]) -> list[str]:
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory, s3_server) -> Iterator[MlflowServer]:
+def postgres() -> Iterator[Postgres | None]:
+    """A throwaway PostgreSQL cluster on 127.0.0.1, or None where none is installed."""
+    if not (POSTGRES_BIN / "initdb").exists():
+        yield None
+        return
+    import tempfile
+
+    # Not under pytest's root-only temp folder: the postgres user must reach it.
+    folder = Path(tempfile.mkdtemp(prefix="autoassign-pg-"))
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres", "postgres")
+    data, port = folder / "data", free_port()
+    run = lambda command: subprocess.run(  # noqa: E731
+        _as_postgres_user(command), check=True, capture_output=True, timeout=120
+    )
+    run([str(POSTGRES_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"])
+    options = f"-p {port} -h 127.0.0.1 -k {folder}"
+    run([str(POSTGRES_BIN / "pg_ctl"), "-D", str(data), "-o", options, "-l",
+         str(folder / "server.log"), "-w", "start"])  # fmt: skip
+    server = Postgres(port)
+    run([str(POSTGRES_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
+         server.database])  # fmt: skip
+    yield server
+    subprocess.run(
+        _as_postgres_user([str(POSTGRES_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"]),
+        capture_output=True,
+        timeout=120,
+    )
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def compose_mlflow_flags() -> dict[str, str]:
+    """``--backend-store-uri`` and ``--artifacts-destination`` of the compose file's mlflow
+    service, as written there (with ``${...}`` placeholders)."""
+    command = yaml.safe_load(COMPOSE_FILE.read_text())["services"]["mlflow"]["command"]
+    flags = {}
+    for flag in ("--backend-store-uri", "--artifacts-destination"):
+        flags[flag] = command[command.index(flag) + 1]
+    return flags
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory, s3_server, postgres) -> Iterator[MlflowServer]:
     folder = tmp_path_factory.mktemp("mlflow")
     env = {**os.environ, **s3_server.env, "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint}
-    server = MlflowServer(free_port(), folder / "mlflow.db", env, folder / "server.log")
+    flags = compose_mlflow_flags()
+    # The stack's flags with this session's addresses: a PostgreSQL URI, an s3:// destination.
+    assert flags["--backend-store-uri"].startswith("postgresql://")
+    assert flags["--artifacts-destination"].startswith("s3://")
+    suffix = flags["--artifacts-destination"].split("/", 3)[3]  # s3://BUCKET/<suffix>
+    backend = postgres.uri if postgres is not None else f"sqlite:///{folder / 'mlflow.db'}"
+    server = MlflowServer(
+        free_port(), backend, f"s3://{BUCKET}/{suffix}", env, folder / "server.log"
+    )
     server.start()
     yield server
     server.stop()
@@ -178,6 +253,8 @@ class RayCluster:
     address: str
     env: dict[str, str]
     """What a client of this cluster needs in its environment (loopback, auth token)."""
+    dashboard_url: str
+    """The dashboard and its Jobs API (what ``orchestration.jobs --address`` takes)."""
 
 
 @pytest.fixture(scope="session")
@@ -188,8 +265,11 @@ def ray_cluster(tmp_path_factory, s3_server) -> Iterator[RayCluster]:
     token = tmp_path_factory.mktemp("ray") / "auth_token"
     token.write_text(secrets.token_hex(32))
     client_env = {**RAY_LOOPBACK_ENV, "RAY_AUTH_TOKEN_PATH": str(token)}
-    env = {**os.environ, **s3_server.env, **client_env}
+    # Job drivers run `python` from the head's PATH: this session's virtualenv.
+    path = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, **s3_server.env, **client_env, "PATH": path}
     env.pop("RAY_ADDRESS", None)
+    dashboard_port = free_port()
     subprocess.run(
         [
             str(VENV_BIN / "ray"),
@@ -204,7 +284,11 @@ def ray_cluster(tmp_path_factory, s3_server) -> Iterator[RayCluster]:
             "--num-gpus",
             "0",
             "--include-dashboard",
-            "false",
+            "true",
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dashboard_port),
             "--object-store-memory",
             str(1_000_000_000),
             "--disable-usage-stats",
@@ -214,7 +298,10 @@ def ray_cluster(tmp_path_factory, s3_server) -> Iterator[RayCluster]:
         capture_output=True,
         timeout=180,
     )
-    yield RayCluster(address=f"127.0.0.1:{port}", env=client_env)
+    dashboard_url = f"http://127.0.0.1:{dashboard_port}"
+    auth = {"Authorization": f"Bearer {token.read_text()}"}  # the dashboard wants it too
+    wait_for_http(f"{dashboard_url}/api/version", timeout=120, headers=auth)
+    yield RayCluster(address=f"127.0.0.1:{port}", env=client_env, dashboard_url=dashboard_url)
     subprocess.run(
         [str(VENV_BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120
     )

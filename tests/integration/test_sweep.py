@@ -18,7 +18,7 @@ from pathlib import Path
 import PIL.Image
 import pytest
 
-from tests.integration.conftest import BUCKET, SECRET_KEY, synthetic, tiny_sweep
+from tests.integration.conftest import BUCKET, POSTGRES_BIN, SECRET_KEY, synthetic, tiny_sweep
 from tests.integration.mlflow_ui import RunsTable, missing_browser
 
 pytestmark = pytest.mark.integration
@@ -232,6 +232,44 @@ def test_best_trials_are_registered_and_load_from_the_registry(finished_sweep, m
     )
     assert predictor.config.model.num_classes == 2
     assert predictor.config.train.lr == GOOD_LR
+
+
+def test_the_stack_tracking_store_is_postgresql_and_holds_the_sweep(
+    finished_sweep, mlflow_server, postgres
+):
+    """The compose stack's tracking configuration (PostgreSQL store, S3 artifacts behind the
+    server): the sweep's runs, metrics, tags and registered models are rows in PostgreSQL."""
+    if postgres is None:
+        message = f"no PostgreSQL 15 under {POSTGRES_BIN}"
+        if os.environ.get("AUTOASSIGN_REQUIRE_POSTGRES") == "1":  # set by .ci/run
+            pytest.fail(message)
+        pytest.skip(message)
+    import psycopg
+
+    assert mlflow_server.backend_store_uri == postgres.uri
+    client, runs = _runs(mlflow_server)
+    with psycopg.connect(postgres.uri) as db, db.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM runs JOIN experiments USING (experiment_id) "
+            "WHERE experiments.name = 'it-main'"
+        )
+        assert cursor.fetchone()[0] == len(runs) == 5  # the parent and four trials
+        good = next(r for r in runs if r.data.tags.get("autoassign.dataset") == "shapes"
+                    and r.info.status == "FINISHED")  # fmt: skip
+        cursor.execute(
+            "SELECT count(*) FROM metrics WHERE run_uuid = %s AND key = 'train/loss'",
+            (good.info.run_id,),
+        )
+        logged = len(client.get_metric_history(good.info.run_id, "train/loss"))
+        assert cursor.fetchone()[0] == logged > 0
+        cursor.execute("SELECT name FROM registered_models ORDER BY name")
+        names = [row[0] for row in cursor.fetchall()]
+        assert {"autoassign-faces", "autoassign-shapes"} <= set(names)
+        cursor.execute("SELECT alias, version FROM registered_model_aliases WHERE name = %s",
+                       ("autoassign-shapes",))  # fmt: skip
+        assert cursor.fetchall() == [("best", 1)]
+    # Artifacts are not in the database: they are objects under the compose file's prefix.
+    assert mlflow_server.artifacts_destination == f"s3://{BUCKET}/mlflow"
 
 
 def _browser_or_skip() -> None:

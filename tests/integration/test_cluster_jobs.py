@@ -1,0 +1,220 @@
+"""Sweeps as Ray Jobs on the session's real ``ray start --head`` (its dashboard's Jobs API):
+``orchestration.jobs submit/status/logs/list/stop``, and the scheduler on a per-second
+schedule, killed and restarted, against the same cluster and MLflow server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestration.job_history import SKIPPED, SUBMITTED, JobHistory
+from tests.integration.conftest import synthetic, tiny_sweep
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def project(sweep_runner, mlflow_server, s3_server, tmp_path_factory) -> Path:
+    """A copy of the project (code and configs) with a tiny one-trial sweep config in it:
+    what a user's checkout looks like to ``submit``, data and virtualenv folders included."""
+    root = tmp_path_factory.mktemp("project")
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for folder in ("autoassign", "orchestration", "configs"):
+        shutil.copytree(REPO / folder, root / folder, ignore=ignore)
+    (root / ".venv").mkdir()
+    (root / ".venv" / "marker").write_text("never uploaded")
+    config = tiny_sweep(
+        "job-sweep",
+        sweep_runner.folder,
+        mlflow_uri=mlflow_server.uri,
+        s3_endpoint=s3_server.endpoint,
+        datasets=[synthetic("job-shapes", "coco", sweep_runner.folder, images=4)],
+        epochs=1,
+    )
+    config["tracking"]["register_models"] = False
+    (root / "configs" / "job_sweep.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+def jobs(ray_cluster, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, **ray_cluster.env}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run(
+        [sys.executable, "-m", "orchestration.jobs", *args],
+        capture_output=True, text=True, timeout=timeout, env=env,
+    )  # fmt: skip
+
+
+def client_for(ray_cluster):
+    for key, value in ray_cluster.env.items():
+        os.environ.setdefault(key, value)
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(ray_cluster.dashboard_url)
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise TimeoutError(what)
+
+
+def test_a_submitted_sweep_job_succeeds_with_its_mlflow_runs(project, ray_cluster, mlflow_server):
+    address = ["--address", ray_cluster.dashboard_url]
+    submitted = jobs(
+        ray_cluster, "submit", str(project / "configs" / "job_sweep.yaml"),
+        "--working-dir", str(project), *address,
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().splitlines()[-1]
+    followed = jobs(ray_cluster, "logs", job_id, "--follow", *address, timeout=600)
+    assert followed.returncode == 0, followed.stdout[-3000:] + followed.stderr[-2000:]
+    assert "leaderboard (best trial per dataset)" in followed.stdout
+    status = jobs(ray_cluster, "status", job_id, *address)
+    assert status.returncode == 0 and f"{job_id}: SUCCEEDED" in status.stdout
+    assert "python -m orchestration.sweep configs/job_sweep.yaml" in status.stdout
+    listed = jobs(ray_cluster, "list", *address)
+    assert job_id in listed.stdout and "SUCCEEDED" in listed.stdout
+
+    client = mlflow_server.client()
+    experiment = client.get_experiment_by_name("job-sweep")
+    runs = client.search_runs([experiment.experiment_id])
+    kinds = sorted(run.data.tags.get("autoassign.kind") for run in runs)
+    assert kinds == ["sweep", "trial"]
+    assert all(run.info.status == "FINISHED" for run in runs)
+
+    unknown = jobs(ray_cluster, "status", "no-such-job", *address)
+    assert unknown.returncode == 2 and "no job 'no-such-job' on this cluster" in unknown.stderr
+    assert job_id in unknown.stderr  # the ids that do exist are listed
+    assert "Traceback" not in unknown.stderr
+
+
+def test_a_running_job_can_be_stopped(project, ray_cluster):
+    address = ["--address", ray_cluster.dashboard_url]
+    submitted = jobs(
+        ray_cluster, "submit", str(project / "configs" / "job_sweep.yaml"),
+        "--working-dir", str(project), *address, "--", "name=job-stopped",
+        f"output_dir={project / 'runs' / 'job-stopped'}",
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().splitlines()[-1]
+    client = client_for(ray_cluster)
+    wait_for(lambda: client.get_job_status(job_id).value == "RUNNING", 120, "job never ran")
+    stopped = jobs(ray_cluster, "stop", job_id, "--wait", *address)
+    assert stopped.returncode == 0, stopped.stderr
+    assert f"{job_id}: STOPPED" in stopped.stdout
+    assert client.get_job_status(job_id).value == "STOPPED"
+
+
+def test_the_scheduler_submits_each_fire_time_once_and_skips_while_a_job_runs(
+    project, ray_cluster, tmp_path
+):
+    every = 3  # seconds
+    schedules = project / "schedules.yaml"
+    schedules.write_text(
+        yaml.safe_dump(
+            {
+                "address": ray_cluster.dashboard_url,
+                "schedules": [
+                    {
+                        "name": "it-every-3s",
+                        "cron": f"*/{every} * * * * *",
+                        "config": "configs/job_sweep.yaml",
+                        "args": ["name=job-scheduled", f"output_dir={tmp_path / 'scheduled'}"],
+                    }
+                ],
+            }
+        )
+    )
+    state = tmp_path / "state.db"
+    history = JobHistory(state)
+    env = {**os.environ, **ray_cluster.env}
+    env.pop("RAY_ADDRESS", None)
+
+    def start_scheduler(log: Path) -> subprocess.Popen:
+        command = [sys.executable, "-m", "orchestration.jobs", "schedule", str(schedules),
+                   "--state", str(state)]  # fmt: skip
+        return subprocess.Popen(
+            command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+
+    def count(action: str) -> int:
+        return sum(event.action == action for event in history.events())
+
+    client = client_for(ray_cluster)
+    first = start_scheduler(tmp_path / "scheduler-1.log")
+    try:
+        wait_for(lambda: count(SUBMITTED) >= 1 and count(SKIPPED) >= 2, 240, "no skips")
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # no shutdown: as if the machine died
+        first.wait()
+    killed_at = datetime.now(timezone.utc)
+    before = len(history.events())
+
+    second = start_scheduler(tmp_path / "scheduler-2.log")
+    try:
+        wait_for(lambda: len(history.events()) >= before + 2, 120, "restart did nothing")
+        # Once the running job ends, the next fire time submits again.
+        (running,) = [e.job_id for e in history.events() if e.action == SUBMITTED]
+        client.stop_job(running)
+        wait_for(lambda: count(SUBMITTED) >= 2, 120, "nothing submitted after the job ended")
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(timeout=60)
+    log = (tmp_path / "scheduler-2.log").read_text()
+    assert "it-every-3s: kept" in log and "scheduler stopped" in log
+
+    events = history.events()
+    fire_times = [event.fire_time for event in events]
+    assert len(fire_times) == len(set(fire_times))  # no fire time acted on twice
+    for event in events:
+        moment = datetime.strptime(event.fire_time, "%Y-%m-%dT%H:%M:%SZ")
+        assert moment.second % every == 0
+    submitted = [e.job_id for e in events if e.action == SUBMITTED]
+    for job_id in submitted[1:]:
+        client.stop_job(job_id)
+    # What the cluster got is exactly what the history says was submitted, with the fire
+    # time as the submission id.
+    on_cluster = {
+        job.submission_id: job
+        for job in client.list_jobs()
+        if (job.metadata or {}).get("autoassign_schedule") == "it-every-3s"
+    }
+    assert set(on_cluster) == set(submitted)
+    for event in events:
+        if event.action == SUBMITTED:
+            assert event.job_id == "it-every-3s-" + event.fire_time.replace("-", "").replace(
+                ":", ""
+            )
+        else:
+            assert event.action == SKIPPED and event.job_id in on_cluster
+            assert "still RUNNING" in event.detail or "still PENDING" in event.detail
+    # Skips happened while the first job ran, on both sides of the restart.
+    first_job = on_cluster[submitted[0]]
+    skips = [e for e in events if e.action == SKIPPED]
+    assert all(e.job_id == first_job.submission_id for e in skips)
+    assert any(
+        datetime.strptime(e.fire_time, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+        > killed_at
+        for e in skips
+    )
+
+    shown = jobs(ray_cluster, "history", "--state", str(state), "--address",
+                 ray_cluster.dashboard_url)  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert submitted[0] in shown.stdout and "STOPPED" in shown.stdout
+    assert shown.stdout.count("skipped") == len(skips)
