@@ -7,10 +7,6 @@ a real sweep on an ``mlflow server`` with S3 artifacts is in tests/integration/t
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -30,8 +26,6 @@ from orchestration.registry import (
 )
 from orchestration.storage import Storage
 from tests.unit.test_engine import tiny_config
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -106,23 +100,19 @@ def test_a_loaded_model_predicts_what_its_checkpoint_predicts(world):
     assert not torch.equal(loaded.model.head.cls_logits.weight, other.model.head.cls_logits.weight)
 
 
-def test_cli_load_and_unknown_models(world, tmp_path):
+def test_cli_load_and_unknown_models(world, tmp_path, capsys):
+    from orchestration import registry
+
     finish_sweep(world, "sweep1", 0.40)
-
-    def cli(*args):
-        return subprocess.run(
-            [sys.executable, "-m", "orchestration.registry", "--tracking-uri", world["uri"], *args],
-            cwd=REPO, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-
-    ok = cli("load", "autoassign-shapes@best", "--out", str(tmp_path / "model"))
-    assert ok.returncode == 0, ok.stderr
-    assert (tmp_path / "model" / "model" / "artifacts" / CHECKPOINT_FILE).is_file()
-    assert (tmp_path / "model" / "model" / "MLmodel").is_file()
-    assert "2 classes" in ok.stdout
-    bad = cli("load", "autoassign-nothing@best")
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert "registered models: autoassign-shapes" in bad.stderr
+    cli = ["--tracking-uri", world["uri"]]
+    assert (
+        registry.main([*cli, "load", "autoassign-shapes@best", "--out", str(tmp_path / "m")]) == 0
+    )
+    assert (tmp_path / "m" / "model" / "artifacts" / CHECKPOINT_FILE).is_file()
+    assert (tmp_path / "m" / "model" / "MLmodel").is_file()
+    assert "2 classes" in capsys.readouterr().out
+    assert registry.main([*cli, "load", "autoassign-nothing@best"]) == 2
+    assert "registered models: autoassign-shapes" in capsys.readouterr().err
 
 
 def test_a_version_is_an_mlflow_model_with_a_signature(world):
@@ -155,32 +145,26 @@ def test_a_version_is_an_mlflow_model_with_a_signature(world):
         model.predict(pixels[..., :1])  # one channel: the signature refuses it
 
 
-def test_autoassign_predict_takes_a_registry_uri(world, tmp_path):
+def test_autoassign_predict_takes_a_registry_uri(world, tmp_path, monkeypatch, capsys):
+    from autoassign import predict
+
     finish_sweep(world, "sweep1", 0.40)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", world["uri"])
 
-    def predict(model: str, out: Path, **env):
-        return subprocess.run(
-            [sys.executable, "-m", "autoassign.predict", model, str(world["image"]),
-             "--out", str(out), "--device", "cpu"],
-            cwd=REPO, capture_output=True, text=True, timeout=120,
-            env={**os.environ, **env},
-        )  # fmt: skip
+    def run(model: str, out: str) -> int:
+        args = [model, str(world["image"]), "--out", str(tmp_path / out), "--device", "cpu"]
+        return predict.main(args)
 
-    by_uri = predict(
-        "models:/autoassign-shapes@best", tmp_path / "a", MLFLOW_TRACKING_URI=world["uri"]
-    )
-    assert by_uri.returncode == 0, by_uri.stderr
-    by_path = predict(str(world["ckpt"]["sweep1"]), tmp_path / "b")
-    assert by_path.returncode == 0, by_path.stderr
+    assert run("models:/autoassign-shapes@best", "a") == 0
+    assert run(str(world["ckpt"]["sweep1"]), "b") == 0
     got = json.loads((tmp_path / "a" / "predictions.json").read_text())
     assert got == json.loads((tmp_path / "b" / "predictions.json").read_text())
     assert got[0]["scores"]  # something was detected, so equality says something
+    capsys.readouterr()
 
-    missing = predict(
-        "models:/autoassign-nothing@best", tmp_path / "c", MLFLOW_TRACKING_URI=world["uri"]
-    )
-    assert missing.returncode == 1 and "Traceback" not in missing.stderr
-    assert "registered models: autoassign-shapes" in missing.stderr
-    unknown = predict("gs://bucket/checkpoint.pt", tmp_path / "d")
-    assert unknown.returncode == 1 and "Traceback" not in unknown.stderr
-    assert "no checkpoint resolver for the scheme 'gs' (resolvers: models:)" in unknown.stderr
+    # Errors: one line on stderr, exit 1 (predict.main is what `python -m` runs).
+    assert run("models:/autoassign-nothing@best", "c") == 1
+    assert "registered models: autoassign-shapes" in capsys.readouterr().err
+    assert run("gs://bucket/checkpoint.pt", "d") == 1
+    error = capsys.readouterr().err
+    assert "no checkpoint resolver for the scheme 'gs' (resolvers: models:)" in error
