@@ -26,10 +26,6 @@ class CheckpointError(AutoAssignError):
     """A checkpoint file is missing, unreadable or does not hold what a checkpoint holds."""
 
 
-class DatasetError(AutoAssignError):
-    """The dataset scan found problems that would break training."""
-
-
 class NonFiniteLossError(AutoAssignError):
     """A training loss became NaN or infinite."""
 
@@ -42,22 +38,11 @@ class NonFiniteLossError(AutoAssignError):
 def user_error_exit_code(error: BaseException) -> int | None:
     """The exit status a CLI uses for ``error`` when it is a bad-input error, else None.
 
-    Bad input: our own errors, and the data and evaluation packages' errors about files
-    (their messages name the file and place).
+    Bad input is every :class:`AutoAssignError`; each package defines its own subclasses
+    beside the code that raises them (``autoassign.data.errors.DatasetError``,
+    ``autoassign.data.transforms.ImageLoadError``, ``autoassign.eval.base.EvaluationError``).
     """
-    if isinstance(error, AutoAssignError):
-        return error.exit_code
-    from autoassign.data.errors import DatasetError as DataFileError
-    from autoassign.data.transforms import ImageLoadError
-
-    known: tuple[type[BaseException], ...] = (DataFileError, ImageLoadError)
-    try:
-        from autoassign.eval.base import EvaluationError
-
-        known += (EvaluationError,)
-    except ImportError:  # evaluation package not importable: nothing of its to recognise
-        pass
-    return 1 if isinstance(error, known) else None
+    return error.exit_code if isinstance(error, AutoAssignError) else None
 
 
 def run_cli(command: Callable[[], object]) -> int:

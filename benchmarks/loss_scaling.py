@@ -4,7 +4,7 @@ One 1333x800 image padded to 1344x800 (levels 100x168, 50x84, 25x42, 13x21, 7x11
 random head outputs that require grad, and 1 to 3000 boxes of realistic sizes (log-uniform
 sides, some crowds of tiny boxes). For each box count it times forward + backward of the
 sparse loss (median of ``--repeats``) and measures its peak extra memory; the dense per-image
-reference (``autoassign.model.loss_reference``) is measured the same way as the peer for the
+reference (``tests/loss_reference.py``) is measured the same way as the peer for the
 smaller counts.
 
 Memory: on CUDA ``torch.cuda.max_memory_allocated`` minus the allocation before the call; on
@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
 
 STRIDES = [8, 16, 32, 64, 128]
 HEIGHT, WIDTH = 800, 1344
@@ -81,7 +83,10 @@ def run_case(impl: str, num_boxes: int, device: str, repeats: int) -> dict:
     """Time and measure one (implementation, box count) case in this process."""
     from autoassign.model.center_prior import CenterPrior
     from autoassign.model.loss import autoassign_loss
-    from autoassign.model.loss_reference import dense_autoassign_loss
+
+    # The dense reference is a test oracle, not part of the package: import it from tests/.
+    sys.path.insert(0, str(REPO))
+    from tests.loss_reference import dense_autoassign_loss
 
     loss_fn = autoassign_loss if impl == "sparse" else dense_autoassign_loss
     cls, reg, obj, boxes, labels = make_inputs(num_boxes, device)

@@ -14,7 +14,8 @@ import tempfile
 from pathlib import Path
 
 from autoassign.config import DataConfig
-from autoassign.errors import ConfigError, DatasetError
+from autoassign.data.errors import DatasetError
+from autoassign.errors import ConfigError
 from orchestration.config import DatasetConfig, SweepConfig
 
 

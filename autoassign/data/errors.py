@@ -21,7 +21,7 @@ from typing import Literal
 
 import numpy as np
 
-from ..errors import DatasetError as _LibraryDatasetError
+from autoassign.errors import AutoAssignError
 
 Severity = Literal["error", "warning"]
 
@@ -56,11 +56,12 @@ class Problem:
         return asdict(self)
 
 
-class DatasetError(_LibraryDatasetError):
-    """Malformed or unusable dataset input; the message names the file and the line or id.
+class DatasetError(AutoAssignError):
+    """Malformed or unusable dataset input; the message names the file and the line or id
+    (a reader's first error), or it is the report of a scan that found errors.
 
-    A subclass of the library's ``autoassign.errors.DatasetError`` (an ``Exception``), so
-    the command-line entry points print it without a traceback.
+    An :class:`~autoassign.errors.AutoAssignError`, so the command-line entry points print it
+    without a traceback (exit status 1).
     """
 
     def __init__(self, message: str, problem: Problem | None = None) -> None:

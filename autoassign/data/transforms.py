@@ -20,12 +20,13 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from autoassign.data.records import ImageRecord
+from autoassign.errors import AutoAssignError
 
 MIN_BOX_SIDE = 1e-3
 """Training boxes narrower or shorter than this (pixels, after clipping) are dropped."""
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(AutoAssignError, ValueError):
     """An image file is missing, unreadable, or disagrees with its annotation record."""
 
 

@@ -17,9 +17,9 @@ import os
 from pathlib import Path
 
 from autoassign.config import DataConfig
+from autoassign.data.errors import DatasetError
 from autoassign.data.records import DetectionDataset
 from autoassign.engine import distributed as dist_utils
-from autoassign.errors import DatasetError
 
 logger = logging.getLogger(__name__)
 

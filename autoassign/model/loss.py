@@ -4,7 +4,7 @@ Only pairs whose point lies strictly inside the box carry weight in AutoAssign, 
 the dense ``[P, G]`` tensors of each image this module enumerates the inside pairs of every
 box of the batch directly from the box's range of grid cells on each level, gathers the
 per-pair values and reduces them per box with ``index_add`` / ``scatter_reduce``. The results
-(and their gradients) equal the dense definition in ``loss_reference.py``.
+(and their gradients) equal the dense definition in ``tests/loss_reference.py``.
 
 The IoU row maximum of the negative loss is over ALL boxes of the image, not only those the
 point is inside; it is needed only for points with at least one pair, and only boxes that

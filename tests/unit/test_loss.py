@@ -19,7 +19,7 @@ from autoassign.model import loss as loss_module
 from autoassign.model.box_ops import aligned_giou, aligned_iou
 from autoassign.model.center_prior import CenterPrior
 from autoassign.model.loss import LossInputError, autoassign_loss
-from autoassign.model.loss_reference import dense_autoassign_loss
+from tests.loss_reference import dense_autoassign_loss
 
 EPS = 1e-12
 STRIDE, HEIGHT, WIDTH, NUM_CLASSES = 8, 4, 8, 2
