@@ -16,10 +16,10 @@ import logging
 import os
 from pathlib import Path
 
+from autoassign import distributed as dist_utils
 from autoassign.config import DataConfig
 from autoassign.data.errors import DatasetError
 from autoassign.data.records import DetectionDataset
-from autoassign.engine import distributed as dist_utils
 
 logger = logging.getLogger(__name__)
 

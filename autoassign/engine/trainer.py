@@ -49,9 +49,9 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from autoassign import distributed as dist_utils
 from autoassign.config import ExperimentConfig
 from autoassign.config_loading import write_resolved_config
-from autoassign.engine import distributed as dist_utils
 from autoassign.engine.callbacks import (
     Callback,
     CallbackList,

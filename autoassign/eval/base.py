@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from autoassign.data.records import DetectionDataset
+from autoassign.distributed import broadcast_object, is_distributed
 from autoassign.errors import AutoAssignError
 
 logger = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def merge_prediction_shards(shards: Iterable[PredictionStore]) -> PredictionStor
 
 def gather_prediction_store(local: PredictionStore) -> PredictionStore:
     """The merged store of all ranks, or ``local`` alone outside ``torch.distributed``."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not is_distributed():
         return dict(local)
     world_size = torch.distributed.get_world_size()
     shards: list[Any] = [None] * world_size
@@ -133,27 +134,15 @@ def gather_prediction_store(local: PredictionStore) -> PredictionStore:
     return merge_prediction_shards(shards)
 
 
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
 def gather_prediction_store_to_main(local: PredictionStore) -> PredictionStore | None:
     """The merged store of all ranks on rank 0 (``None`` on the others); ``local`` alone
     outside ``torch.distributed``."""
-    if not _distributed():
+    if not is_distributed():
         return dict(local)
     dist = torch.distributed
     shards: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(local, shards, dst=0)
     return merge_prediction_shards(shards) if shards is not None else None
-
-
-def _broadcast_from_main(value: Any) -> Any:
-    if not _distributed():
-        return value
-    holder = [value]
-    torch.distributed.broadcast_object_list(holder, src=0)
-    return holder[0]
 
 
 @dataclass(frozen=True)
@@ -256,7 +245,7 @@ class Evaluator:
             except Exception as raised:
                 error = raised
                 outcome = ("error", f"{type(raised).__name__}: {raised}", [])
-        outcome = _broadcast_from_main(outcome)
+        outcome = broadcast_object(outcome, src=0)
         if error is not None:
             raise error
         kind, value, self.notes = outcome

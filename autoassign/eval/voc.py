@@ -57,10 +57,14 @@ def average_precision_11pt(recall: np.ndarray, precision: np.ndarray) -> float:
 
 
 def average_precision_area(recall: np.ndarray, precision: np.ndarray) -> float:
-    """VOC2010+: area under the precision envelope (precision made non-increasing in recall)."""
+    """VOC2010+: area under the precision envelope (precision made non-increasing in recall).
+
+    NaN precisions (WiderFace's thresholds that nothing passes) are passed over, as Matlab's
+    ``max`` does in both devkits; VOC's curves have none.
+    """
     recall = np.concatenate(([0.0], recall, [1.0]))
     precision = np.concatenate(([0.0], precision, [0.0]))
-    envelope = np.maximum.accumulate(precision[::-1])[::-1]
+    envelope = np.fmax.accumulate(precision[::-1])[::-1]
     steps = np.nonzero(recall[1:] != recall[:-1])[0]
     return float(np.sum((recall[steps + 1] - recall[steps]) * envelope[steps + 1]))
 

@@ -55,6 +55,7 @@ import scipy.io
 
 from autoassign.data.records import DetectionDataset, ImageRecord
 from autoassign.eval.base import EvaluationError, Evaluator, PRCurve, PredictionStore
+from autoassign.eval.voc import average_precision_area
 
 SETTINGS = ("easy", "medium", "hard")
 IOU_THRESHOLD = 0.5
@@ -184,16 +185,6 @@ def image_pr_counts(
     return counts
 
 
-def voc_area_ap_skipping_nan(recall: np.ndarray, precision: np.ndarray) -> float:
-    """Area under the precision envelope; NaN precisions are passed over (Matlab ``max``)."""
-    recall = np.concatenate(([0.0], recall, [1.0]))
-    precision = np.concatenate(([0.0], precision, [0.0]))
-    for i in range(len(precision) - 1, 0, -1):
-        precision[i - 1] = np.fmax(precision[i - 1], precision[i])
-    steps = np.nonzero(recall[1:] != recall[:-1])[0]
-    return float(np.sum((recall[steps + 1] - recall[steps]) * precision[steps + 1]))
-
-
 def setting_pr(
     images: list[EvalImage],
     boxes: dict[str, np.ndarray],
@@ -236,7 +227,7 @@ def setting_ap(
     recall, precision, num_counted = setting_pr(images, boxes, scores, setting)
     if num_counted == 0:
         return float("nan")
-    return voc_area_ap_skipping_nan(recall, precision)
+    return average_precision_area(recall, precision)
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,7 +421,7 @@ class WiderFaceEvaluator(Evaluator):
             if num_counted == 0:
                 metrics[f"AP_{setting}"] = float("nan")
                 continue
-            metrics[f"AP_{setting}"] = voc_area_ap_skipping_nan(recall, precision)
+            metrics[f"AP_{setting}"] = average_precision_area(recall, precision)
             drawn = np.isfinite(precision)  # thresholds above every score have no precision
             self.curves[setting] = PRCurve(
                 recall[drawn], precision[drawn], metrics[f"AP_{setting}"]

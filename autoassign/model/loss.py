@@ -26,10 +26,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from autoassign.distributed import mean_across_ranks
 from autoassign.errors import AutoAssignError
 from autoassign.model.box_ops import aligned_giou, aligned_iou
 from autoassign.model.center_prior import CenterPrior
@@ -80,15 +80,6 @@ def _make_levels(
         starts=torch.tensor(starts, device=device),
         points=points,
     )
-
-
-def _reduce_mean(value: Tensor) -> Tensor:
-    """Average a scalar over data-parallel workers (identity without torch.distributed)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    value = value.clone()
-    dist.all_reduce(value)
-    return value / dist.get_world_size()
 
 
 def _levels_to_images(per_level: list[Tensor]) -> Tensor:
@@ -565,7 +556,7 @@ def _loss(
 
     # Every worker joins this all-reduce, with or without boxes of its own.
     num_gt = torch.tensor(float(num_boxes), device=device, dtype=dtype)
-    num_gt, prior_mass = _reduce_mean(torch.stack((num_gt, prior_total))).clamp(min=1).unbind()
+    num_gt, prior_mass = mean_across_ranks(torch.stack((num_gt, prior_total))).clamp(min=1).unbind()
     loss_neg = neg_weight * neg_sum / prior_mass
     if num_boxes > 0:
         loss_pos = pos_weight * pos_sum / num_gt
