@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 Corners = tuple[Tensor, Tensor, Tensor, Tensor]
@@ -38,3 +39,9 @@ def aligned_giou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-6) -> Tensor:
     enclose_h = (a[3].maximum(b[3]) - a[1].minimum(b[1])).clamp(min=0)
     enclose = (enclose_w * enclose_h).clamp(min=eps)
     return overlap / union - (enclose - union) / enclose
+
+
+def ltrb_to_boxes(points: Tensor, distances: Tensor) -> Tensor:
+    """Boxes ``[..., 4]`` (x1, y1, x2, y2) from points ``[..., 2]`` (x, y) and their
+    ``[..., 4]`` left, top, right and bottom distances to the box sides, all in pixels."""
+    return torch.cat((points - distances[..., :2], points + distances[..., 2:]), dim=-1)

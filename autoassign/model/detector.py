@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from autoassign.config import ModelConfig
+from autoassign.data.transforms import padded_size
 from autoassign.model.backbone import ResNetBackbone, build_resnet
 from autoassign.model.fpn import FPN
 from autoassign.model.head import AutoAssignHead
@@ -72,10 +73,6 @@ class AutoAssign(nn.Module):
             images = images.flip(1)
         return (images - self.pixel_mean) / self.pixel_std
 
-    def _padded_size(self, height: int, width: int) -> tuple[int, int]:
-        d = self.size_divisor
-        return (height + d - 1) // d * d, (width + d - 1) // d * d
-
     def preprocess(
         self, images: list[Tensor] | Tensor, image_sizes: list[tuple[int, int]] | None = None
     ) -> tuple[Tensor, list[tuple[int, int]]]:
@@ -95,12 +92,12 @@ class AutoAssign(nn.Module):
                     cols[None, None, :] < sizes[:, 1, None, None]
                 )  # [B, Hp, Wp]
                 batch = batch * inside[:, None]
-            padded_h, padded_w = self._padded_size(*full)
+            padded_h, padded_w = padded_size(*full, self.size_divisor)
             batch = F.pad(batch, (0, padded_w - full[1], 0, padded_h - full[0]))
         else:
             image_sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
-            padded_h, padded_w = self._padded_size(
-                max(h for h, _ in image_sizes), max(w for _, w in image_sizes)
+            padded_h, padded_w = padded_size(
+                max(h for h, _ in image_sizes), max(w for _, w in image_sizes), self.size_divisor
             )
             batch = self.pixel_mean.new_zeros((len(images), 3, padded_h, padded_w))
             for i, image in enumerate(images):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
+from autoassign.model.box_ops import ltrb_to_boxes
 from autoassign.model.center_prior import CenterPrior
 from autoassign.model.loss import autoassign_loss
 from autoassign.model.points import level_points
@@ -179,7 +180,7 @@ class AutoAssignHead(nn.Module):
             distances = distances.gather(1, point_index[..., None].expand(-1, -1, 4))
             points = level_points(height, width, stride, device, torch.float32)  # [HW, 2]
             points = points[point_index]  # [B, k, 2]
-            boxes = torch.cat([points - distances[..., :2], points + distances[..., 2:]], dim=2)
+            boxes = ltrb_to_boxes(points, distances)  # [B, k, 4]
             boxes = torch.minimum(boxes.clamp(min=0), max_xy)
 
             obj_probs = obj.float().sigmoid().reshape(batch, -1).gather(1, point_index)

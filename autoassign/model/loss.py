@@ -31,7 +31,7 @@ from torch import Tensor
 
 from autoassign.distributed import mean_across_ranks
 from autoassign.errors import AutoAssignError
-from autoassign.model.box_ops import aligned_giou, aligned_iou
+from autoassign.model.box_ops import aligned_giou, aligned_iou, ltrb_to_boxes
 from autoassign.model.center_prior import CenterPrior
 from autoassign.model.points import level_points
 
@@ -471,11 +471,6 @@ def _pairs(
     return pair_box, pair_point
 
 
-def _decode(points: Tensor, ltrb: Tensor) -> Tensor:
-    """Boxes ``[K, 4]`` from points ``[K, 2]`` and left, top, right, bottom distances."""
-    return torch.cat((points - ltrb[:, :2], points + ltrb[:, 2:]), dim=1)
-
-
 def _loss(
     cls_logits,
     bbox_preds,
@@ -525,7 +520,7 @@ def _loss(
         prior_total = prior.detach().sum()
 
         # Positive: per box, the prior- and confidence-weighted mean of p_pos over its pairs.
-        pred = _decode(point_xy, distances[flat_point])  # [K, 4]
+        pred = ltrb_to_boxes(point_xy, distances[flat_point])  # [K, 4]
         p_loc = torch.exp(-giou_weight * (1 - aligned_giou(pred, target, eps=BOX_EPS)))
         p_pos = joint[flat_index] * p_loc  # [K]
         weighted = torch.exp(3 * p_pos) * prior
@@ -536,7 +531,7 @@ def _loss(
 
         if flat_point.numel():
             unique_points, pair_to_unique = _unique_ids(flat_point, batch * num_points)
-            unique_pred = _decode(
+            unique_pred = ltrb_to_boxes(
                 levels.points[unique_points % num_points], distances.detach()[unique_points]
             )
             row_max = _row_max_iou(unique_points, unique_pred, boxes, box_start, box_count, levels)
