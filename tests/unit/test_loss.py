@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torchvision
 
-from autoassign.model import loss as loss_module
+from autoassign.model import assignment
 from autoassign.model.box_ops import aligned_giou, aligned_iou
 from autoassign.model.center_prior import CenterPrior
 from autoassign.model.loss import LossInputError, autoassign_loss
@@ -156,10 +156,10 @@ def test_aligned_iou_and_giou_match_torchvision_and_stay_finite_for_empty_boxes(
 
 
 def test_inside_is_strict_and_points_have_no_half_stride_offset():
-    levels = loss_module._make_levels([(HEIGHT, WIDTH)], [STRIDE], "cpu", F64)
+    levels = assignment.make_levels([(HEIGHT, WIDTH)], [STRIDE], "cpu", F64)
     # Points 0, 8, 16 lie on the edges or inside of (0, 0, 16, 16): only (8, 8) is inside.
     boxes = torch.tensor([[0.0, 0.0, 16.0, 16.0], [1.0, 1.0, 7.0, 7.0]], dtype=F64)
-    box, point = loss_module._inside_pairs(boxes, levels)
+    box, point = assignment.inside_pairs(boxes, levels)
     assert box.tolist() == [0] and point.tolist() == [index((8, 8))]
     # (1, 1, 7, 7) holds no point; with FCOS's half-stride offset (4, 4) would be inside.
     head = Head()
@@ -409,9 +409,9 @@ def test_force_topk_marks_the_highest_prior_points_of_empty_boxes():
 
     # Over all levels: on stride 16 the points (16, 16), then (16, 0) and (0, 16) tie, beat
     # every stride-8 point but (8, 8); ties go to the lower point index.
-    levels = loss_module._make_levels([(4, 8), (2, 4)], [8, 16], "cpu", F64)
+    levels = assignment.make_levels([(4, 8), (2, 4)], [8, 16], "cpu", F64)
     boxes = torch.tensor([box], dtype=F64)
-    box_ids, points = loss_module._forced_pairs(
+    box_ids, points = assignment.forced_pairs(
         boxes, torch.tensor([0]), torch.tensor([0]), levels, make_prior(mean0=mean), 3
     )
     level2 = 32  # first point of the stride-16 level
@@ -521,8 +521,8 @@ def test_matches_dense_reference(boxes_per_image, force_topk):
 
 
 def test_matches_dense_reference_with_small_iou_tiles_and_chunks(monkeypatch):
-    monkeypatch.setattr(loss_module, "IOU_TILE", 2)
-    monkeypatch.setattr(loss_module, "IOU_CHUNK_PAIRS", 100)
+    monkeypatch.setattr(assignment, "IOU_TILE", 2)
+    monkeypatch.setattr(assignment, "IOU_CHUNK_PAIRS", 100)
     inputs = random_batch((120, 40), num_classes=5, seed=3)
     sparse, sparse_grads = losses_and_grads(autoassign_loss, *inputs, 9)
     dense, dense_grads = losses_and_grads(dense_autoassign_loss, *inputs, 9)
