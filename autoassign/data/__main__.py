@@ -14,10 +14,10 @@ import json
 import sys
 from pathlib import Path
 
-from ..config import DataConfig
-from .errors import DatasetError
-from .synthetic import FORMATS, write_synthetic
-from .validate import scan_dataset
+from autoassign.config import DataConfig
+from autoassign.data.errors import DatasetError
+from autoassign.data.synthetic import FORMATS, write_synthetic
+from autoassign.data.validate import scan_dataset
 
 
 def _image_size(text: str) -> int | tuple[int, int]:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import (
+from autoassign.data.errors import (
     DUPLICATE_ID,
     MALFORMED,
     MISSING_FILE,
@@ -30,8 +30,8 @@ from .errors import (
     ProblemLog,
     check_boxes,
 )
-from .images import check_image
-from .records import DetectionDataset, ImageRecord
+from autoassign.data.images import check_image
+from autoassign.data.records import DetectionDataset, ImageRecord
 
 
 def default_paths(root: Path, split: str) -> tuple[Path, Path]:

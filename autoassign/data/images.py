@@ -9,7 +9,13 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from .errors import MISSING_IMAGE, SIZE_MISMATCH, UNREADABLE_IMAGE, DatasetError, ProblemLog
+from autoassign.data.errors import (
+    MISSING_IMAGE,
+    SIZE_MISMATCH,
+    UNREADABLE_IMAGE,
+    DatasetError,
+    ProblemLog,
+)
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Start-of-frame markers carry the frame size; C4 (DHT), C8 (JPG) and CC (DAC) do not.

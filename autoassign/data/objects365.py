@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 
-from .coco import load_json, parse_coco_json
-from .errors import ProblemLog
-from .records import DetectionDataset
+from autoassign.data.coco import load_json, parse_coco_json
+from autoassign.data.errors import ProblemLog
+from autoassign.data.records import DetectionDataset
 
 KNOWN_MISSING_V2 = frozenset(
     {

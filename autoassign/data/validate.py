@@ -14,12 +14,11 @@ import textwrap
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from ..config import DataConfig
-from . import _read_root, count_boxes
-from .errors import DatasetError, Problem, ProblemLog, ProblemsBySeverity
+from autoassign.config import DataConfig
+from autoassign.data.building import count_boxes, read_root, split_roots
+from autoassign.data.errors import DatasetError, Problem, ProblemLog, ProblemsBySeverity
 
 
 @dataclass
@@ -108,16 +107,14 @@ def scan_dataset(cfg: DataConfig, split: str) -> ScanReport:
     split list) is reported as an error and the other roots are still scanned.
     """
     start = time.perf_counter()
-    roots = [Path(cfg.root)]
-    if split == cfg.train_split:
-        roots += [Path(root) for root in cfg.extra_train_roots]
+    roots = split_roots(cfg, split)
     report = ScanReport(format=cfg.format, split=split, roots=[str(r) for r in roots])
     log = ProblemLog(strict=False)
     per_class: Counter[str] = Counter()
     class_names: list[str] = []
     for index, root in enumerate(roots):
         try:
-            dataset = _read_root(
+            dataset = read_root(
                 cfg, root, split, overrides=(index == 0), check_images=True, log=log
             )
         except DatasetError as error:

@@ -15,7 +15,7 @@ from xml.etree import ElementTree
 
 import numpy as np
 
-from .errors import (
+from autoassign.data.errors import (
     DUPLICATE_ID,
     MALFORMED,
     MISSING_FILE,
@@ -25,8 +25,8 @@ from .errors import (
     ProblemLog,
     check_boxes,
 )
-from .images import check_image
-from .records import DetectionDataset, ImageRecord
+from autoassign.data.images import check_image
+from autoassign.data.records import DetectionDataset, ImageRecord
 
 VOC_CLASSES = (
     "aeroplane",

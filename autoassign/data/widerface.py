@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import (
+from autoassign.data.errors import (
     DUPLICATE_ID,
     MALFORMED,
     MISSING_FILE,
@@ -29,8 +29,8 @@ from .errors import (
     ProblemLog,
     check_boxes,
 )
-from .images import check_image
-from .records import DetectionDataset, ImageRecord
+from autoassign.data.images import check_image
+from autoassign.data.records import DetectionDataset, ImageRecord
 
 ATTRIBUTES = ("blur", "expression", "illumination", "invalid", "occlusion", "pose")
 """The gt file's columns after ``x1 y1 w h``, in the official order."""
