@@ -268,7 +268,8 @@ def ray_cluster(tmp_path_factory, s3_server) -> Iterator[RayCluster]:
     # Job drivers run `python` from the head's PATH: this session's virtualenv.
     path = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
     env = {**os.environ, **s3_server.env, **client_env, "PATH": path}
-    env.pop("RAY_ADDRESS", None)
+    for inherited in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        env.pop(inherited, None)  # job drivers get the head's environment
     dashboard_port = free_port()
     subprocess.run(
         [
@@ -348,7 +349,8 @@ def sweep_runner(tmp_path_factory, s3_server, mlflow_server, ray_cluster) -> Swe
         **ray_cluster.env,
         "RAY_ADDRESS": ray_cluster.address,
     }
-    env.pop("MLFLOW_TRACKING_URI", None)
+    for leaked in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        env.pop(leaked, None)
     return SweepRunner(folder, env)
 
 

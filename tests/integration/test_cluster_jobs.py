@@ -55,11 +55,14 @@ def jobs(ray_cluster, *args: str, timeout: float = 300) -> subprocess.CompletedP
 
 
 def client_for(ray_cluster):
-    for key, value in ray_cluster.env.items():
-        os.environ.setdefault(key, value)
+    """A Jobs API client of this process, with the cluster's token as a header: Ray reads
+    RAY_AUTH_MODE once per process, and this one may have imported Ray long before."""
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(ray_cluster.dashboard_url)
+    token = Path(ray_cluster.env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    return JobSubmissionClient(
+        ray_cluster.dashboard_url, headers={"Authorization": f"Bearer {token}"}
+    )
 
 
 def wait_for(condition, timeout: float, what: str):

@@ -115,18 +115,16 @@ def test_cli_load_and_unknown_models(world, tmp_path, capsys):
     assert "registered models: autoassign-shapes" in capsys.readouterr().err
 
 
-def test_a_version_is_an_mlflow_model_with_a_signature(world):
+def test_a_version_is_an_mlflow_model_with_a_signature(world, monkeypatch):
     import mlflow.pyfunc
     import numpy as np
 
     finish_sweep(world, "sweep1", 0.40)
-    mlflow.set_tracking_uri(world["uri"])
-    mlflow.set_registry_uri(world["uri"])
-    try:
-        model = mlflow.pyfunc.load_model("models:/autoassign-shapes@best")
-    finally:
-        mlflow.set_tracking_uri(None)
-        mlflow.set_registry_uri(None)
+    # The environment, not mlflow.set_*_uri: those export MLFLOW_*_URI for good, and every
+    # later subprocess of the session (the integration sweeps) would use this store.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", world["uri"])
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", world["uri"])
+    model = mlflow.pyfunc.load_model("models:/autoassign-shapes@best")
     assert model.metadata.signature == SIGNATURE
     assert model.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, -1, 3)
     pixels = np.asarray(Image.open(world["image"]).convert("RGB"))
