@@ -8,9 +8,6 @@ the dataset's.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from autoassign.config import DataConfig
@@ -29,32 +26,22 @@ def data_config(dataset: DatasetConfig) -> DataConfig:
 
 
 def write_synthetic_if_missing(dataset: DatasetConfig) -> bool:
-    """Write the embedded set at ``dataset.root`` if it is synthetic and missing; True if so.
-
-    Written into a temporary sibling and renamed, so nobody reads half a dataset.
-    """
+    """Write the embedded set at ``dataset.root`` if it is synthetic and missing; True if so
+    (renamed into place when complete, so nobody reads half a dataset)."""
     options = dataset.synthetic_options
-    root = Path(dataset.root)
-    if options is None or root.exists():
+    if options is None:
         return False
-    from autoassign.data.synthetic import write_synthetic
+    from autoassign.data.synthetic import write_synthetic_root
 
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
-        write_synthetic(
-            dataset.format,
-            staging,
-            num_images=options.images,
-            num_classes=options.num_classes,
-            image_size=options.image_size,
-            seed=options.seed,
-            splits=tuple(dict.fromkeys((dataset.train_split, dataset.val_split))),
-        )
-        os.rename(staging, root)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return True
+    return write_synthetic_root(
+        dataset.format,
+        dataset.root,
+        num_images=options.images,
+        num_classes=options.num_classes,
+        image_size=options.image_size,
+        seed=options.seed,
+        splits=tuple(dict.fromkeys((dataset.train_split, dataset.val_split))),
+    )
 
 
 def scan_all(

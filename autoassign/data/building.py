@@ -4,9 +4,6 @@ paths, the synthetic set written on demand, and empty training images dropped.""
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -71,32 +68,18 @@ def split_roots(cfg: DataConfig, split: str) -> list[Path]:
 
 
 def ensure_dataset(cfg: DataConfig) -> None:
-    """Write a synthetic dataset at ``cfg.root`` if asked to and the root does not exist.
-
-    Writes into a temporary sibling folder and renames it, so concurrent workers never see
-    a half-written dataset.
-    """
-    root = Path(cfg.root)
-    if not cfg.synthesize_if_missing or root.exists():
+    """Write a synthetic dataset at ``cfg.root`` if asked to and the root does not exist
+    (renamed into place when complete, so concurrent workers never see half of it)."""
+    if not cfg.synthesize_if_missing:
         return
-    from autoassign.data.synthetic import write_synthetic
+    from autoassign.data.synthetic import write_synthetic_root
 
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
-        write_synthetic(
-            cfg.format,
-            staging,
-            splits=tuple(dict.fromkeys((cfg.train_split, cfg.val_split))),
-            objects365_version=cfg.objects365_version,
-        )
-        try:
-            os.rename(staging, root)
-        except OSError:
-            if not root.exists():  # lost the race only if another worker made it
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    write_synthetic_root(
+        cfg.format,
+        cfg.root,
+        splits=tuple(dict.fromkeys((cfg.train_split, cfg.val_split))),
+        objects365_version=cfg.objects365_version,
+    )
 
 
 def _resolve(root: Path, path: Path | None, default: Path) -> Path:
@@ -114,20 +97,14 @@ def read_root(
     check_images: bool,
     log: ProblemLog | None,
 ) -> DetectionDataset:
-    """One split of one root; ``cfg.paths`` applies to the main root only."""
-    dataset = _read_format(cfg, root, split, overrides, check_images, log)
+    """One split of one root with its format's reader; ``cfg.paths`` (``overrides``) applies
+    to the main root only. ``meta["root"]`` says which root it came from."""
+    dataset = _read_with_reader(cfg, root, split, overrides, check_images, log)
     dataset.meta.setdefault("root", root)
     return dataset
 
 
-def _read_format(
-    cfg: DataConfig,
-    root: Path,
-    split: str,
-    overrides: bool,
-    check_images: bool,
-    log: ProblemLog | None,
-) -> DetectionDataset:
+def _read_with_reader(cfg, root, split, overrides, check_images, log) -> DetectionDataset:
     override = cfg.paths.get(split) if overrides else None
     annotations = override.annotations if override else None
     images = override.images if override else None

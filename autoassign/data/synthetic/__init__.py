@@ -44,6 +44,9 @@ deterministic: the same arguments give byte-identical files.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -84,6 +87,7 @@ __all__ = [
     "render_mask",
     "widerface_settings",
     "write_synthetic",
+    "write_synthetic_root",
     "write_widerface_mat",
 ]
 
@@ -162,3 +166,27 @@ def _images_in(split: str, num_images: int | Mapping[str, int]) -> int:
     if isinstance(num_images, Mapping):
         return int(num_images[split])
     return num_images if "train" in split else max(4, num_images // 4)
+
+
+def write_synthetic_root(format: str, root: str | Path, **options) -> bool:
+    """:func:`write_synthetic` at ``root`` unless something is there; True if this call wrote.
+
+    The set is written into a temporary sibling folder and renamed into place, so nobody
+    (a reader, or another worker writing the same set at once) sees half a dataset.
+    """
+    root = Path(root)
+    if root.exists():
+        return False
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        write_synthetic(format, staging, **options)
+        try:
+            os.rename(staging, root)
+        except OSError:
+            if not root.exists():  # lost the race only if another worker made it
+                raise
+            return False
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return True
