@@ -48,7 +48,7 @@ def _to_images(per_level: list[Tensor]) -> Tensor:
 
 def dense_autoassign_loss(
     cls_logits: list[Tensor],
-    bbox_preds: list[Tensor],
+    ltrb_distances: list[Tensor],
     objectness: list[Tensor],
     strides: list[int],
     gt_boxes: list[Tensor],
@@ -77,7 +77,7 @@ def dense_autoassign_loss(
     )  # [P]
     cls_all = _to_images(cls_logits).sigmoid()  # [B, P, C]
     obj_all = _to_images(objectness).sigmoid()[..., 0]  # [B, P]
-    reg_all = _to_images(bbox_preds)  # [B, P, 4]
+    reg_all = _to_images(ltrb_distances)  # [B, P, 4]
     px, py = points[:, 0], points[:, 1]
 
     pos_terms, neg_terms, center_terms = [], [], []
@@ -167,7 +167,7 @@ def dense_autoassign_loss(
     loss_neg = neg_weight * sum(neg_terms) / prior_total.clamp(min=1)
     loss_center = center_weight * torch.stack(center_terms).mean()
     if num_gt == 0:
-        zero = sum(x.sum() * 0 for x in [*cls_logits, *bbox_preds, *objectness])
+        zero = sum(x.sum() * 0 for x in [*cls_logits, *ltrb_distances, *objectness])
         zero = zero + center_prior.mean.sum() * 0 + center_prior.sigma.sum() * 0
         loss_pos, loss_center = zero, zero
     return {"loss_pos": loss_pos, "loss_neg": loss_neg, "loss_center": loss_center}

@@ -116,7 +116,7 @@ class AutoAssign(nn.Module):
     ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         batch, image_sizes = self.preprocess(images, image_sizes)
         features = self.fpn(self.backbone(batch))
-        cls_scores, bbox_preds, objectnesses = self.head(features)
+        cls_logits, ltrb_distances, objectness_logits = self.head(features)
 
         if self.training:
             if targets is None:
@@ -124,9 +124,11 @@ class AutoAssign(nn.Module):
             device = batch.device
             gt_boxes = [t["boxes"].to(device, torch.float32).reshape(-1, 4) for t in targets]
             gt_labels = [t["labels"].to(device, torch.int64).reshape(-1) for t in targets]
-            return self.head.loss(cls_scores, bbox_preds, objectnesses, gt_boxes, gt_labels)
+            return self.head.loss(
+                cls_logits, ltrb_distances, objectness_logits, gt_boxes, gt_labels
+            )
 
-        detections = self.head.predict(cls_scores, bbox_preds, objectnesses, image_sizes)
+        detections = self.head.predict(cls_logits, ltrb_distances, objectness_logits, image_sizes)
         if original_sizes is not None:
             detections = [
                 rescale_detections(d, input_size, original_size)

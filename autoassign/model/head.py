@@ -113,30 +113,30 @@ class AutoAssignHead(nn.Module):
     def forward(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """Per level: class logits ``[B, C, H, W]``, box distances ``[B, 4, H, W]`` (left, top,
         right, bottom in input pixels, float32, >= 0), objectness logits ``[B, 1, H, W]``."""
-        cls_scores, bbox_preds, objectnesses = [], [], []
+        cls_logits, ltrb_distances, objectness_logits = [], [], []
         for x, scale, stride in zip(features, self.scales, self.strides):
             cls_feature = self.cls_tower(x)
             reg_feature = self.reg_tower(x)
-            cls_scores.append(self.cls_logits(cls_feature))
+            cls_logits.append(self.cls_logits(cls_feature))
             distances = scale(self.bbox_reg(reg_feature)).float()
-            bbox_preds.append(F.relu(distances) * stride)
-            objectnesses.append(self.objectness(reg_feature))
-        return cls_scores, bbox_preds, objectnesses
+            ltrb_distances.append(F.relu(distances) * stride)
+            objectness_logits.append(self.objectness(reg_feature))
+        return cls_logits, ltrb_distances, objectness_logits
 
     def loss(
         self,
-        cls_scores: list[Tensor],
-        bbox_preds: list[Tensor],
-        objectnesses: list[Tensor],
+        cls_logits: list[Tensor],
+        ltrb_distances: list[Tensor],
+        objectness_logits: list[Tensor],
         gt_boxes: list[Tensor],
         gt_labels: list[Tensor],
     ) -> dict[str, Tensor]:
         """``{"loss_pos", "loss_neg", "loss_center"}`` for ground truth ``gt_boxes[i]``
         ``[G_i, 4]`` (xyxy input pixels) and ``gt_labels[i]`` ``[G_i]`` (int64, 0-based)."""
         return autoassign_loss(
-            cls_scores,
-            bbox_preds,
-            objectnesses,
+            cls_logits,
+            ltrb_distances,
+            objectness_logits,
             self.strides,
             gt_boxes,
             gt_labels,
@@ -148,9 +148,9 @@ class AutoAssignHead(nn.Module):
     @torch.no_grad()
     def predict(
         self,
-        cls_scores: list[Tensor],
-        bbox_preds: list[Tensor],
-        objectnesses: list[Tensor],
+        cls_logits: list[Tensor],
+        ltrb_distances: list[Tensor],
+        objectness_logits: list[Tensor],
         image_sizes: list[tuple[int, int]],
     ) -> list[dict[str, Tensor]]:
         """Detections per image in the input frame (boxes clipped to ``image_sizes[i]`` =
@@ -162,13 +162,15 @@ class AutoAssignHead(nn.Module):
         ``max_detections`` best. Returns dicts with ``boxes`` [K, 4], ``scores`` [K],
         ``labels`` [K] (int64).
         """
-        batch = cls_scores[0].shape[0]
-        device = cls_scores[0].device
+        batch = cls_logits[0].shape[0]
+        device = cls_logits[0].device
         sizes = torch.as_tensor(image_sizes, dtype=torch.float32, device=device)  # [B, 2] (h, w)
         max_xy = sizes.flip(1).repeat(1, 2)[:, None, :]  # [B, 1, 4] (w, h, w, h)
 
         level_boxes, level_scores, level_labels, level_valid = [], [], [], []
-        for cls, reg, obj, stride in zip(cls_scores, bbox_preds, objectnesses, self.strides):
+        for cls, reg, obj, stride in zip(
+            cls_logits, ltrb_distances, objectness_logits, self.strides
+        ):
             _, num_classes, height, width = cls.shape
             probs = cls.float().sigmoid().permute(0, 2, 3, 1).reshape(batch, -1)  # [B, HW*C]
             k = min(self.pre_nms_top_k, probs.shape[1])

@@ -48,17 +48,23 @@ class LossInputError(AutoAssignError, ValueError):
     """The loss was called with inconsistent head outputs or targets."""
 
 
-def _check_inputs(cls_logits, bbox_preds, objectness, strides, gt_boxes, gt_labels, center_prior):
+def _check_inputs(
+    cls_logits, ltrb_distances, objectness, strides, gt_boxes, gt_labels, center_prior
+):
     num_levels = len(cls_logits)
     if num_levels == 0:
         raise LossInputError("autoassign_loss: cls_logits is empty (need one tensor per level)")
-    for name, seq in (("bbox_preds", bbox_preds), ("objectness", objectness), ("strides", strides)):
+    for name, seq in (
+        ("ltrb_distances", ltrb_distances),
+        ("objectness", objectness),
+        ("strides", strides),
+    ):
         if len(seq) != num_levels:
             raise LossInputError(
                 f"autoassign_loss: {name} has {len(seq)} levels, cls_logits has {num_levels}"
             )
     batch, num_classes = cls_logits[0].shape[:2]
-    for level, (cls, reg, obj) in enumerate(zip(cls_logits, bbox_preds, objectness)):
+    for level, (cls, reg, obj) in enumerate(zip(cls_logits, ltrb_distances, objectness)):
         if cls.dim() != 4 or cls.shape[:2] != (batch, num_classes):
             raise LossInputError(
                 f"autoassign_loss: cls_logits[{level}] has shape {tuple(cls.shape)}, "
@@ -67,7 +73,7 @@ def _check_inputs(cls_logits, bbox_preds, objectness, strides, gt_boxes, gt_labe
         height, width = cls.shape[2:]
         if tuple(reg.shape) != (batch, 4, height, width):
             raise LossInputError(
-                f"autoassign_loss: bbox_preds[{level}] has shape {tuple(reg.shape)}, "
+                f"autoassign_loss: ltrb_distances[{level}] has shape {tuple(reg.shape)}, "
                 f"expected {(batch, 4, height, width)}"
             )
         if tuple(obj.shape) != (batch, 1, height, width):
@@ -135,7 +141,7 @@ def _negative_weights(
 
 def autoassign_loss(
     cls_logits: list[Tensor],
-    bbox_preds: list[Tensor],
+    ltrb_distances: list[Tensor],
     objectness: list[Tensor],
     strides: list[int],
     gt_boxes: list[Tensor],
@@ -152,7 +158,7 @@ def autoassign_loss(
 
     Args:
         cls_logits: per level ``[B, C, H_l, W_l]`` class logits.
-        bbox_preds: per level ``[B, 4, H_l, W_l]`` left, top, right, bottom distances in input
+        ltrb_distances: per level ``[B, 4, H_l, W_l]`` left, top, right, bottom distances in input
             pixels (already ``relu(scale * reg) * stride``).
         objectness: per level ``[B, 1, H_l, W_l]`` objectness logits.
         strides: per level stride in pixels, e.g. ``[8, 16, 32, 64, 128]``.
@@ -175,17 +181,19 @@ def autoassign_loss(
         LossInputError: shapes that do not match, labels outside ``0..C-1``, boxes with
             ``x2 < x1`` or ``y2 < y1``.
     """
-    _check_inputs(cls_logits, bbox_preds, objectness, strides, gt_boxes, gt_labels, center_prior)
+    _check_inputs(
+        cls_logits, ltrb_distances, objectness, strides, gt_boxes, gt_labels, center_prior
+    )
     dtype = cls_logits[0].dtype
     if dtype in (torch.float16, torch.bfloat16):
         dtype = torch.float32  # mixed precision: the exponentials, GIoU and BCE need float32
-    cls_logits, bbox_preds, objectness = (
-        [x.to(dtype) for x in group] for group in (cls_logits, bbox_preds, objectness)
+    cls_logits, ltrb_distances, objectness = (
+        [x.to(dtype) for x in group] for group in (cls_logits, ltrb_distances, objectness)
     )
     with torch.autocast(cls_logits[0].device.type, enabled=False):
         return _loss(
             cls_logits,
-            bbox_preds,
+            ltrb_distances,
             objectness,
             strides,
             gt_boxes,
@@ -201,7 +209,7 @@ def autoassign_loss(
 
 def _loss(
     cls_logits,
-    bbox_preds,
+    ltrb_distances,
     objectness,
     strides,
     gt_boxes,
@@ -222,7 +230,7 @@ def _loss(
     cls_prob = levels_to_images(cls_logits).sigmoid()  # [B, P, C]
     obj_prob = levels_to_images(objectness).sigmoid()  # [B, P, 1]
     joint = (cls_prob * obj_prob).reshape(-1)  # [B * P * C]
-    distances = levels_to_images(bbox_preds).reshape(-1, 4)  # [B * P, 4]
+    distances = levels_to_images(ltrb_distances).reshape(-1, 4)  # [B * P, 4]
 
     box_count = torch.tensor([len(b) for b in gt_boxes], device=device)  # [B]
     boxes = torch.cat([b.to(device=device, dtype=dtype) for b in gt_boxes])  # [N, 4]
@@ -285,7 +293,7 @@ def _loss(
         loss_pos = pos_weight * pos_sum / num_gt
         loss_center = center_weight * center_terms.mean()
     else:
-        connected_zero = sum(t.sum() * 0 for t in [*cls_logits, *bbox_preds, *objectness])
+        connected_zero = sum(t.sum() * 0 for t in [*cls_logits, *ltrb_distances, *objectness])
         connected_zero = connected_zero + center_prior.mean.sum() * 0 + center_prior.sigma.sum() * 0
         loss_pos = loss_center = connected_zero
     return {"loss_pos": loss_pos, "loss_neg": loss_neg, "loss_center": loss_center}
