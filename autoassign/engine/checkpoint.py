@@ -16,7 +16,6 @@ The file is a ``torch.save``d dict::
     version           1
     model             the detector's state_dict (never DDP-wrapped names)
     optimizer         optimizer.state_dict()
-    schedule          the schedule's parameters (it is a pure function of the iteration)
     grad_scaler       GradScaler state (fp16) or None
     epoch             the epoch the run is in (0-based)
     batch_in_epoch    batches of that epoch already trained (0 at an epoch boundary)
@@ -30,7 +29,9 @@ The file is a ``torch.save``d dict::
     samples_seen      images of the current epoch consumed over all ranks
                       (batch_in_epoch * batch_size * world_size)
     rng               python / numpy / torch / cuda generator states
-    config            the resolved ExperimentConfig as plain data
+    config            the resolved ExperimentConfig as plain data (the lr schedule is a
+                      pure function of it and the iteration, so it is not stored)
+    class_names       the training set's class names, in label order
     extra             free-form state of callbacks (e.g. a tracking run id)
 """
 

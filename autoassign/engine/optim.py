@@ -9,7 +9,7 @@ the center-prior ``mean`` / ``sigma``; we follow it.
 from __future__ import annotations
 
 from bisect import bisect_right
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -115,6 +115,3 @@ class WarmupStepSchedule:
         for group in optimizer.param_groups:
             group["lr"] = lr
         return lr
-
-    def state_dict(self) -> dict:
-        return {**asdict(self), "milestones": list(self.milestones)}

@@ -682,7 +682,6 @@ class Trainer:
         return {
             "model": self.detector.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "schedule": self.schedule.state_dict(),
             "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler.is_enabled() else None,
             "epoch": epoch,
             "batch_in_epoch": batch_in_epoch,
