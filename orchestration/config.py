@@ -7,7 +7,8 @@ A sweep file is exactly :class:`SweepConfig` (pydantic, unknown keys are errors)
     name: demo                       # names the output folder, the storage folder, the experiment
     base: {...}                      # an autoassign ExperimentConfig, shared by every trial
     datasets:                        # one Tune scheduler per dataset (they report other metrics)
-      - {name: coco, format: coco, root: ${DATA}/coco, num_classes: 80, ...}
+      - {name: coco, format: coco, root: ${DATA}/coco, num_classes: 80,
+         recipe: coco_r50_1x.yaml, overrides: {...}, ...}
     search_space:                    # dot paths into ExperimentConfig -> one distribution each
       train.schedule: {grid: [1x, 13e]}
       model.center_prior.sigma_init: {uniform: [0.5, 2.0]}
@@ -97,8 +98,14 @@ class DatasetConfig(_Strict):
     metric: str | None = None
     """The metric that ranks this dataset's trials; default by format (see
     :data:`DEFAULT_RANKING_METRIC`)."""
+    recipe: Path | None = None
+    """An ExperimentConfig file (e.g. ``configs/coco_r50_1x.yaml``, relative to the sweep
+    file) this dataset's trials follow: every value it writes applies over ``base`` for this
+    dataset, except what the sweep sets itself (format, root, splits, class count, output
+    folder, device); ``overrides`` apply over the recipe."""
     overrides: dict[str, Any] = Field(default_factory=dict)
-    """Dot paths into ExperimentConfig, applied over ``base`` for this dataset only."""
+    """Dot paths into ExperimentConfig, applied over ``base`` (and ``recipe``) for this
+    dataset only."""
     synthetic: bool | SyntheticConfig = False
     """``true`` (or a mapping of options): write the embedded set at ``root`` if missing."""
 
@@ -337,6 +344,7 @@ def load_sweep_config(path: str | Path, overrides: Iterable[str] = ()) -> SweepC
     data = apply_overrides(data, overrides)
     sweep = validate_model(data, SweepConfig, source=str(path), overrides=overrides)
     for index, dataset in enumerate(sweep.datasets):
+        apply_recipe(dataset, sweep_file=path, source=f"{path}: datasets.{index}.recipe")
         check_dataset_overrides(dataset, source=f"{path}: datasets.{index}.overrides")
         trial_experiment(sweep, dataset, {}, source=f"{path}: datasets.{index}.overrides")
     check_search_space(sweep, source=str(path))
@@ -359,6 +367,41 @@ SWEEP_OWNED_FIELDS = frozenset(
 )
 """ExperimentConfig fields the sweep sets itself from each dataset entry and its own folders:
 they are neither searched nor overridden (other ``data.*`` fields, e.g. the batch size, are)."""
+
+
+def apply_recipe(dataset: DatasetConfig, *, sweep_file: Path, source: str) -> None:
+    """Fold the dataset's recipe file into its overrides (the explicit overrides win).
+
+    The recipe must be a valid ExperimentConfig for the dataset's format; its values that
+    the sweep sets itself are left out. ``dataset.recipe`` becomes the resolved path.
+    """
+    if dataset.recipe is None:
+        return
+    recipe = dataset.recipe if dataset.recipe.is_absolute() else sweep_file.parent / dataset.recipe
+    if not recipe.is_file():
+        raise ConfigError(f"{source}: {recipe} does not exist")
+    written = read_yaml_mapping(recipe)
+    config = validate_model(written, ExperimentConfig, source=str(recipe))
+    if "format" in written.get("data", {}) and config.data.format != dataset.format:
+        raise ConfigError(
+            f"{source}: {recipe} is a {config.data.format} recipe, but dataset "
+            f"{dataset.name!r} is {dataset.format}"
+        )
+    settings = {key: value for key, value in _leaves(written) if key not in SWEEP_OWNED_FIELDS}
+    dataset.recipe = recipe
+    dataset.overrides = {**settings, **dataset.overrides}
+
+
+def _leaves(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """``("a.b.c", value)`` for every non-mapping value written in ``data``."""
+    leaves = []
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            leaves += _leaves(value, f"{path}.")
+        else:
+            leaves.append((path, value))
+    return leaves
 
 
 def check_dataset_overrides(dataset: DatasetConfig, *, source: str) -> None:
@@ -470,3 +513,16 @@ def check_dataset_folders(sweep: SweepConfig, *, source: str) -> None:
             f"{dataset.root} does not exist; {hint}, or set synthetic: true to use the "
             "embedded synthetic set"
         )
+    for index, dataset in enumerate(sweep.datasets):
+        config = trial_experiment(sweep, dataset, {}, source=source)
+        for key, file in (
+            ("model.backbone.weights", config.model.backbone.weights),
+            ("model.checkpoint", config.model.checkpoint),
+        ):
+            if file is not None and not file.is_file():
+                origin = "the dataset's recipe or overrides" if key in dataset.overrides else "base"
+                raise ConfigError(
+                    f"{source}: datasets.{index} ({dataset.name}): {key} {file} does not "
+                    f"exist (set by {origin}); put the file there, or override {key} "
+                    "for this dataset"
+                )

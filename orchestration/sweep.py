@@ -98,11 +98,21 @@ def run(args: argparse.Namespace) -> None:
         raise SweepError(f"every trial failed for dataset(s): {', '.join(failed)}")
 
 
+PATH_OVERRIDES = ("model.checkpoint", "model.backbone.weights", "eval.widerface_ground_truth")
+
+
 def make_paths_absolute(sweep: SweepConfig) -> None:
     """Relative paths mean relative to where the sweep was started, not to a Ray worker's
     working directory: make dataset roots and weight files absolute before they travel."""
     for dataset in sweep.datasets:
         dataset.root = dataset.root.absolute()
+        for key in PATH_OVERRIDES:  # what a recipe or an override names by path
+            value = dataset.overrides.get(key)
+            if isinstance(value, (str, Path)):
+                dataset.overrides[key] = str(Path(value).absolute())
+        roots = dataset.overrides.get("data.extra_train_roots")
+        if isinstance(roots, list):
+            dataset.overrides["data.extra_train_roots"] = [str(Path(r).absolute()) for r in roots]
     model = sweep.base.model
     if model.checkpoint is not None:
         model.checkpoint = model.checkpoint.absolute()
