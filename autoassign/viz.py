@@ -118,10 +118,11 @@ PR_FIGURE_DPI = 100  # so pr_curves.png is 700 x 600 pixels
 
 
 def plot_pr_curves(curves: Mapping[str, Any], path: str | Path, title: str = "") -> Path:
-    """One precision-recall line per curve (an evaluator's ``curves``, or their JSON form).
+    """One precision-recall line per curve of an evaluator's ``curves``.
 
-    ``curves`` maps a name (a class, or a WiderFace setting) to an object or dict with
-    ``recall``, ``precision`` (``[P]`` each) and ``ap``. The legend names each with its AP
+    ``curves`` maps a name (a class, or a WiderFace setting) to a
+    :class:`~autoassign.eval.base.PRCurve` (``recall``, ``precision``, ``[P]`` each, and
+    ``ap``). The legend names each with its AP
     when there are at most 20; more (Objects365's 365 classes) are drawn thin, unlabelled.
     """
     path = Path(path)
@@ -129,14 +130,13 @@ def plot_pr_curves(curves: Mapping[str, Any], path: str | Path, title: str = "")
     many = len(curves) > 20
     colors = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20")
     for i, (name, curve) in enumerate(curves.items()):
-        recall, precision, ap = _curve_fields(curve)
         ax.plot(
-            recall,
-            precision,
+            curve.recall,
+            curve.precision,
             lw=0.6 if many else 1.5,
             alpha=0.5 if many else 1.0,
             color=colors(i % colors.N),
-            label=None if many else f"{name} (AP {ap:.3f})",
+            label=None if many else f"{name} (AP {curve.ap:.3f})",
         )
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
@@ -161,21 +161,14 @@ def write_pr_curve_report(
     output_dir.mkdir(parents=True, exist_ok=True)
     data = {}
     for name, curve in curves.items():
-        recall, precision, ap = _curve_fields(curve)
         data[name] = {
-            "recall": [round(float(v), 6) for v in recall],
-            "precision": [round(float(v), 6) for v in precision],
-            "ap": float(ap),
+            "recall": [round(float(v), 6) for v in curve.recall],
+            "precision": [round(float(v), 6) for v in curve.precision],
+            "ap": float(curve.ap),
         }
     json_path = output_dir / "pr_curves.json"
     json_path.write_text(json.dumps(data) + "\n", encoding="utf-8")
     return plot_pr_curves(curves, output_dir / "pr_curves.png", title), json_path
-
-
-def _curve_fields(curve: Any) -> tuple[np.ndarray, np.ndarray, float]:
-    if isinstance(curve, Mapping):
-        return np.asarray(curve["recall"]), np.asarray(curve["precision"]), float(curve["ap"])
-    return np.asarray(curve.recall), np.asarray(curve.precision), float(curve.ap)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -137,7 +137,7 @@ def active_jobs(client: Any, schedule: str) -> list[Any]:
         job
         for job in client.list_jobs()
         if (job.metadata or {}).get(META_SCHEDULE) == schedule
-        and str(getattr(job.status, "value", job.status)) in ACTIVE_STATUSES
+        and status_text(job) in ACTIVE_STATUSES
     ]
 
 

@@ -34,6 +34,7 @@ from orchestration.cluster_jobs import (
     submit,
     unauthorised,
 )
+from orchestration.compare import render
 
 DEFAULT_STATE = Path("runs/scheduler/state.db")
 
@@ -122,18 +123,19 @@ def run(args: argparse.Namespace) -> int:
             print(f"{args.job_id}: {status}")
         return 0
     if command == "list":
-        rows = [("job id", "status", "started", "schedule", "entrypoint")]
+        header = ["job id", "status", "started", "schedule", "entrypoint"]
+        rows = []
         for job in sorted(client.list_jobs(), key=lambda j: j.start_time or 0):
             rows.append(
-                (
+                [
                     job.submission_id or job.job_id or "",
                     status_text(job),
                     _time(job.start_time),
                     (job.metadata or {}).get(META_SCHEDULE, ""),
-                    job.entrypoint,
-                )
+                    job.entrypoint or "",
+                ]
             )
-        print(_table(rows))
+        print(render(header, rows, "table"), end="")
         return 0
     raise AssertionError(command)
 
@@ -183,19 +185,20 @@ def _history(args: argparse.Namespace) -> int:
             refresh_statuses(history, args.address)
         except JobsError as error:
             print(f"warning: statuses not refreshed: {error}", file=sys.stderr)
-    rows = [("fire time", "schedule", "action", "job id", "status", "detail")]
+    header = ["fire time", "schedule", "action", "job id", "status", "detail"]
+    rows = []
     for event in history.events(args.schedule):
         rows.append(
-            (
+            [
                 event.fire_time,
                 event.schedule,
                 event.action,
                 event.job_id or "",
                 event.final_status or "",
                 event.detail,
-            )
+            ]
         )
-    print(_table(rows))
+    print(render(header, rows, "table"), end="")
     return 0
 
 
@@ -212,14 +215,6 @@ def _time(milliseconds: int | None) -> str:
 
     moment = datetime.fromtimestamp(milliseconds / 1000, tz=timezone.utc)
     return f"{moment:%Y-%m-%d %H:%M:%S}Z"
-
-
-def _table(rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
-        for row in rows
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

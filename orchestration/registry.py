@@ -199,25 +199,27 @@ def download(client: Any, reference: str, destination: Path) -> Path:
     return checkpoint
 
 
-def resolve_model_uri(uri: str) -> Path:
-    """The ``models`` resolver of :mod:`autoassign.checkpoint_sources`: the checkpoint of
-    ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` from the registry at
-    ``MLFLOW_TRACKING_URI``, downloaded to a new temporary folder."""
+def download_to_temp(reference: str, tracking_uri: str | None = None) -> Path:
+    """The version's checkpoint file, downloaded to a new temporary folder (the registry at
+    ``tracking_uri``, default ``MLFLOW_TRACKING_URI``)."""
     from mlflow.tracking import MlflowClient
 
     folder = Path(tempfile.mkdtemp(prefix="autoassign-model-"))
-    return download(MlflowClient(), uri, folder)
+    return download(MlflowClient(tracking_uri), reference, folder)
+
+
+def resolve_model_uri(uri: str) -> Path:
+    """The ``models`` resolver of :mod:`autoassign.checkpoint_sources`: the checkpoint of
+    ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` from the registry at
+    ``MLFLOW_TRACKING_URI``."""
+    return download_to_temp(uri)
 
 
 def load_detector(reference: str, *, tracking_uri: str | None = None, device: str = "auto"):
     """A ready :class:`autoassign.predict.Predictor` for a registered model version."""
-    from mlflow.tracking import MlflowClient
-
     from autoassign.predict import Predictor
 
-    client = MlflowClient(tracking_uri)
-    folder = Path(tempfile.mkdtemp(prefix="autoassign-model-"))
-    return Predictor(download(client, reference, folder), device=device)
+    return Predictor(download_to_temp(reference, tracking_uri), device=device)
 
 
 # ---- CLI -------------------------------------------------------------------------------------
