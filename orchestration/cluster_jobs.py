@@ -31,6 +31,8 @@ ACTIVE_STATUSES = ("PENDING", "RUNNING")
 META_SCHEDULE = "autoassign_schedule"
 META_FIRE_TIME = "autoassign_fire_time"
 META_CONFIG = "autoassign_config"
+NO_AGENT_YET = "No available agent to submit job"
+AGENT_WAIT_S = 120.0
 
 
 class JobsError(Exception):
@@ -105,18 +107,30 @@ def submit(
     submission_id: str | None = None,
     metadata: dict[str, str] | None = None,
 ) -> str:
-    """Submit the sweep; returns the submission id (Ray refuses one it already has)."""
+    """Submit the sweep; returns the submission id (Ray refuses one it already has).
+
+    A head node that has just started answers "No available agent to submit job, please try
+    again later" until its job agent is up: that answer is retried for up to
+    ``AGENT_WAIT_S`` seconds; every other refusal is final.
+    """
+    import time
+
     meta = {META_CONFIG: job.config.as_posix(), **(metadata or {})}
     runtime_env = {"working_dir": str(job.working_dir), "excludes": WORKING_DIR_EXCLUDES}
-    try:
-        return client.submit_job(
-            entrypoint=job.entrypoint,
-            runtime_env=runtime_env,
-            submission_id=submission_id,
-            metadata=meta,
-        )
-    except (RuntimeError, ValueError) as error:
-        raise JobsError(f"submission refused: {_first_line(error)}", 1) from None
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return client.submit_job(
+                entrypoint=job.entrypoint,
+                runtime_env=runtime_env,
+                submission_id=submission_id,
+                metadata=meta,
+            )
+        except (RuntimeError, ValueError) as error:
+            if NO_AGENT_YET in str(error) and time.monotonic() < deadline:
+                time.sleep(2.0)
+                continue
+            raise JobsError(f"submission refused: {_first_line(error)}", 1) from None
 
 
 def job_info(client: Any, job_id: str) -> Any:
