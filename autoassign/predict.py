@@ -103,8 +103,8 @@ class Predictor:
         from autoassign.config_loading import validate_model
         from autoassign.engine.checkpoint import load_checkpoint
         from autoassign.engine.device import resolve_device
-        from autoassign.errors import CheckpointError
         from autoassign.model import build_detector
+        from autoassign.model.weights import load_state_dict_checked
 
         checkpoint = load_checkpoint(checkpoint_path)
         config = validate_model(
@@ -123,11 +123,9 @@ class Predictor:
         )
         self.device = resolve_device(device)
         model = build_detector(model_cfg)
-        try:
-            model.load_state_dict(checkpoint["model"])
-        except RuntimeError as error:
-            first = str(error).strip().splitlines()[0]
-            raise CheckpointError(f"{checkpoint_path}: weights do not fit: {first}") from None
+        load_state_dict_checked(
+            model, checkpoint["model"], source=checkpoint_path, target="the model of its config"
+        )
         self.model = model.to(self.device).eval()
 
     def __call__(self, path: Path) -> dict[str, torch.Tensor]:

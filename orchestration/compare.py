@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestration.config import DEFAULT_RANKING_METRIC, KNOWN_METRICS
+from orchestration.config import DEFAULT_RANKING_METRIC
+from orchestration.leaderboard import Winner, leaderboard_row
 from orchestration.tracking import (
     TAG_CHECKPOINT,
     TAG_DATASET,
@@ -152,33 +153,21 @@ def leaderboard(summaries: list[DatasetSummary], runs_url: str | None) -> list[d
     """One row per dataset, with the best trial's protocol metrics, params and links."""
     rows = []
     for s in summaries:
-        row: dict[str, Any] = {
-            "dataset": s.dataset,
-            "format": s.format,
-            "metric": s.metric,
-            "trials": len(s.trials) + s.failed,
-            "failed": s.failed,
-        }
         best = s.best
-        if best is None:
-            rows.append({**row, "status": "failed"})
-            continue
-        row.update(
-            {
-                "status": "ok",
-                "value": best.metrics[s.metric],
-                "metrics": {
-                    name: best.metrics[name]
-                    for name in KNOWN_METRICS[s.format]
-                    if _finite(best.metrics.get(name))
-                },
-                "params": best.params,
-                "run_id": best.run_id,
-                "run_url": f"{runs_url}/{best.run_id}" if runs_url else None,
-                "checkpoint": best.checkpoint,
-            }
+        winner = None
+        if best is not None:
+            run_url = f"{runs_url}/{best.run_id}" if runs_url else None
+            winner = Winner(best.metrics, best.params, best.run_id, run_url, best.checkpoint)
+        rows.append(
+            leaderboard_row(
+                dataset=s.dataset,
+                format=s.format,
+                metric=s.metric,
+                trials=len(s.trials) + s.failed,
+                failed=s.failed,
+                winner=winner,
+            )
         )
-        rows.append(row)
     return rows
 
 

@@ -8,6 +8,8 @@ MLflow run. A dataset all of whose trials failed gets a row with ``status: faile
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ def build_leaderboard(
         trials = by_dataset[dataset.name]
         metric = dataset.ranking_metric
         usable = [r for r in trials if r.error is None and _finite((r.metrics or {}).get(metric))]
-        row: dict[str, Any] = {
+        common = {
             "dataset": dataset.name,
             "format": dataset.format,
             "metric": metric,
@@ -37,7 +39,7 @@ def build_leaderboard(
             "failed": sum(r.error is not None for r in trials),
         }
         if not usable:
-            rows.append({**row, "status": "failed"})
+            rows.append(leaderboard_row(**common, winner=None))
             continue
         best = max(usable, key=lambda r: r.metrics[metric])
         params = trial_params(best.config)
@@ -49,26 +51,56 @@ def build_leaderboard(
         checkpoint = best.metrics.get("checkpoint_path")
         if checkpoint and sweep.storage.is_s3 and not checkpoint.startswith("s3://"):
             checkpoint = f"s3://{checkpoint}"
+        winner = Winner(best.metrics, params, run_id, _run_url(tracker, run_id), checkpoint)
+        row = leaderboard_row(**common, winner=winner)
         row.update(
-            {
-                "status": "ok",
-                "trial_id": trial_id,
-                "trial": trial_label(dataset.name, params),
-                "value": float(best.metrics[metric]),
-                "metrics": {
-                    name: float(best.metrics[name])
-                    for name in KNOWN_METRICS[dataset.format]
-                    if _finite(best.metrics.get(name))
-                },
-                "epochs": int(best.metrics.get("epoch", 0)),
-                "params": params,
-                "run_id": run_id,
-                "run_url": _run_url(tracker, run_id),
-                "checkpoint": checkpoint,
-            }
+            trial_id=trial_id,
+            trial=trial_label(dataset.name, params),
+            epochs=int(best.metrics.get("epoch", 0)),
         )
         rows.append(row)
     return rows
+
+
+@dataclass(frozen=True)
+class Winner:
+    """The best trial of a dataset, wherever it was read from (Tune's results or MLflow)."""
+
+    metrics: Mapping[str, Any]
+    params: dict[str, Any]
+    run_id: str | None
+    run_url: str | None
+    checkpoint: str | None
+
+
+def leaderboard_row(
+    *, dataset: str, format: str, metric: str, trials: int, failed: int, winner: Winner | None
+) -> dict[str, Any]:
+    """One leaderboard row: ``status`` ``ok`` with the winner's ranking value, the protocol's
+    (finite) metrics, params, run and checkpoint, or ``failed`` when no trial scored."""
+    row: dict[str, Any] = {
+        "dataset": dataset,
+        "format": format,
+        "metric": metric,
+        "trials": trials,
+        "failed": failed,
+    }
+    if winner is None:
+        return {**row, "status": "failed"}
+    return {
+        **row,
+        "status": "ok",
+        "value": float(winner.metrics[metric]),
+        "metrics": {
+            name: float(winner.metrics[name])
+            for name in KNOWN_METRICS[format]
+            if _finite(winner.metrics.get(name))
+        },
+        "params": winner.params,
+        "run_id": winner.run_id,
+        "run_url": winner.run_url,
+        "checkpoint": winner.checkpoint,
+    }
 
 
 def _finite(value: Any) -> bool:

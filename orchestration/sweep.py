@@ -20,6 +20,7 @@ command line.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -98,7 +99,22 @@ def run(args: argparse.Namespace) -> None:
         raise SweepError(f"every trial failed for dataset(s): {', '.join(failed)}")
 
 
-PATH_OVERRIDES = ("model.checkpoint", "model.backbone.weights", "eval.widerface_ground_truth")
+PATH_FIELDS = (
+    "model.checkpoint",
+    "model.backbone.weights",
+    "eval.widerface_ground_truth",
+    "data.extra_train_roots",  # a list of paths
+)
+"""Experiment fields that name files or folders, by dot path: in ``base`` and in overrides."""
+
+
+def _absolute(value: Any, kind: type) -> Any:
+    """``value`` (a path, a list of paths or None) made absolute, each path as ``kind``."""
+    if isinstance(value, list):
+        return [kind(Path(item).absolute()) for item in value]
+    if isinstance(value, (str, Path)):
+        return kind(Path(value).absolute())
+    return value
 
 
 def make_paths_absolute(sweep: SweepConfig) -> None:
@@ -106,21 +122,13 @@ def make_paths_absolute(sweep: SweepConfig) -> None:
     working directory: make dataset roots and weight files absolute before they travel."""
     for dataset in sweep.datasets:
         dataset.root = dataset.root.absolute()
-        for key in PATH_OVERRIDES:  # what a recipe or an override names by path
-            value = dataset.overrides.get(key)
-            if isinstance(value, (str, Path)):
-                dataset.overrides[key] = str(Path(value).absolute())
-        roots = dataset.overrides.get("data.extra_train_roots")
-        if isinstance(roots, list):
-            dataset.overrides["data.extra_train_roots"] = [str(Path(r).absolute()) for r in roots]
-    model = sweep.base.model
-    if model.checkpoint is not None:
-        model.checkpoint = model.checkpoint.absolute()
-    if model.backbone.weights is not None:
-        model.backbone.weights = model.backbone.weights.absolute()
-    if sweep.base.eval.widerface_ground_truth is not None:
-        sweep.base.eval.widerface_ground_truth = sweep.base.eval.widerface_ground_truth.absolute()
-    sweep.base.data.extra_train_roots = [p.absolute() for p in sweep.base.data.extra_train_roots]
+        for key in PATH_FIELDS:  # what a recipe or an override names by path, as text
+            if key in dataset.overrides:
+                dataset.overrides[key] = _absolute(dataset.overrides[key], str)
+    for key in PATH_FIELDS:
+        *parents, name = key.split(".")
+        owner = functools.reduce(getattr, parents, sweep.base)
+        setattr(owner, name, _absolute(getattr(owner, name), Path))
 
 
 # --------------------------------------------------------------------------------------------

@@ -75,10 +75,13 @@ from autoassign.engine.optim import WarmupStepSchedule, build_optimizer, scaled_
 from autoassign.engine.resume import resume_position
 from autoassign.engine.state import FAILED, FINISHED, RUNNING, STOPPED, TrainState
 from autoassign.errors import CheckpointError, ConfigError, NonFiniteLossError
+from autoassign.model.weights import load_state_dict_checked
 
 __all__ = ["LOSS_TERMS", "Trainer", "resolve_device", "seed_everything"]
 
 logger = logging.getLogger(__name__)
+
+_THIS_MODEL = "the model of this config"
 
 LOSS_TERMS = ("loss_pos", "loss_neg", "loss_center")
 LOSS_NAMES = ("loss", *LOSS_TERMS)
@@ -758,16 +761,18 @@ class Trainer:
             iters_per_epoch=self.iters_per_epoch,
             source=path,
         )
-        try:
-            self.detector.load_state_dict(checkpoint["model"])
-            if "optimizer" in checkpoint:
+        hint = "resume with the config the checkpoint was trained with"
+        load_state_dict_checked(
+            self.detector, checkpoint["model"], source=path, target=_THIS_MODEL, hint=hint
+        )
+        if "optimizer" in checkpoint:
+            try:
                 self.optimizer.load_state_dict(checkpoint["optimizer"])
-        except (RuntimeError, ValueError) as error:
-            first_line = str(error).strip().splitlines()[0]
-            raise CheckpointError(
-                f"{path}: does not fit the model of this config ({first_line}); resume with "
-                "the config the checkpoint was trained with"
-            ) from None
+            except (RuntimeError, ValueError) as error:
+                first_line = str(error).strip().splitlines()[0]
+                raise CheckpointError(
+                    f"{path}: its optimizer state does not fit {_THIS_MODEL} ({first_line}); {hint}"
+                ) from None
         if checkpoint.get("grad_scaler") is not None and self.grad_scaler.is_enabled():
             self.grad_scaler.load_state_dict(checkpoint["grad_scaler"])
         if position.remapped:

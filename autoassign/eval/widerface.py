@@ -217,17 +217,33 @@ def setting_pr(
     return recall, precision, num_counted
 
 
+def setting_curve(
+    images: list[EvalImage],
+    boxes: dict[str, np.ndarray],
+    scores: dict[str, np.ndarray],
+    setting: str,
+) -> PRCurve | None:
+    """The official curve of one setting with its AP (arguments as :func:`setting_pr`).
+
+    The curve keeps the thresholds some detection reaches (elsewhere precision is undefined);
+    the AP is the official area under all of them. None when no face of the setting counts.
+    """
+    recall, precision, num_counted = setting_pr(images, boxes, scores, setting)
+    if num_counted == 0:
+        return None
+    drawn = np.isfinite(precision)
+    return PRCurve(recall[drawn], precision[drawn], average_precision_area(recall, precision))
+
+
 def setting_ap(
     images: list[EvalImage],
     boxes: dict[str, np.ndarray],
     scores: dict[str, np.ndarray],
     setting: str,
 ) -> float:
-    """The official AP of one setting (arguments as :func:`setting_pr`)."""
-    recall, precision, num_counted = setting_pr(images, boxes, scores, setting)
-    if num_counted == 0:
-        return float("nan")
-    return average_precision_area(recall, precision)
+    """The official AP of one setting (arguments as :func:`setting_pr`); NaN without faces."""
+    curve = setting_curve(images, boxes, scores, setting)
+    return float("nan") if curve is None else curve.ap
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,13 +433,8 @@ class WiderFaceEvaluator(Evaluator):
             scores[file_name] = normalised[file_name][order]
         metrics = {}
         for setting in SETTINGS:
-            recall, precision, num_counted = setting_pr(images, boxes, scores, setting)
-            if num_counted == 0:
-                metrics[f"AP_{setting}"] = float("nan")
-                continue
-            metrics[f"AP_{setting}"] = average_precision_area(recall, precision)
-            drawn = np.isfinite(precision)  # thresholds above every score have no precision
-            self.curves[setting] = PRCurve(
-                recall[drawn], precision[drawn], metrics[f"AP_{setting}"]
-            ).thinned()
+            curve = setting_curve(images, boxes, scores, setting)
+            metrics[f"AP_{setting}"] = float("nan") if curve is None else curve.ap
+            if curve is not None:
+                self.curves[setting] = curve.thinned()
         return metrics

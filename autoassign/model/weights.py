@@ -28,13 +28,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from autoassign.errors import AutoAssignError
+from autoassign.errors import CheckpointError
 
 __all__ = [
     "WeightsError",
     "read_weights_file",
     "backbone_state_dict_from_imagenet",
     "load_backbone_weights",
+    "load_state_dict_checked",
     "to_mmdet_state_dict",
     "from_mmdet_state_dict",
     "detector_state_dict_from_checkpoint",
@@ -42,7 +43,7 @@ __all__ = [
 ]
 
 
-class WeightsError(AutoAssignError):
+class WeightsError(CheckpointError):
     """A weights file that cannot be read or does not fit the model; names the file."""
 
 
@@ -118,9 +119,26 @@ def _unwrap(path: Path, obj: dict[str, object]) -> dict[str, Tensor]:
     return _tensor_dict(path, obj)
 
 
-def _load_into(module: nn.Module, state_dict: dict[str, Tensor], path: Path, what: str) -> None:
-    """``module.load_state_dict`` with every mismatch reported in one WeightsError: missing
-    and unexpected keys and shape mismatches, all listed."""
+def load_state_dict_checked(
+    module: nn.Module,
+    state_dict: Mapping[str, Tensor],
+    *,
+    source: str | Path,
+    target: str = "the model",
+    hint: str = "",
+) -> None:
+    """``module.load_state_dict`` with every mismatch reported in one :class:`WeightsError`.
+
+    The one place where weights are loaded into a model: ImageNet backbones, detector
+    checkpoints named in a config, training checkpoints being resumed and checkpoints being
+    served. The message lists the missing and unexpected keys and the shape mismatches, all
+    of them: ``"<source>: does not fit <target> (missing keys (1): [...]); <hint>"``.
+
+    Args:
+        source: what the weights came from (a file, or a file and what it holds).
+        target: what they were meant for, e.g. ``"the model of this config"``.
+        hint: what the user can do about a mismatch, appended after a semicolon.
+    """
     expected = module.state_dict()
     # A BatchNorm step counter is meaningless for frozen statistics, whichever side lacks it.
     counter = "num_batches_tracked"
@@ -142,7 +160,8 @@ def _load_into(module: nn.Module, state_dict: dict[str, Tensor], path: Path, wha
         if keys
     ]
     if problems:
-        raise WeightsError(f"{path}: {what} does not match the model: " + "; ".join(problems))
+        message = f"{source}: does not fit {target} ({'; '.join(problems)})"
+        raise WeightsError(f"{message}; {hint}" if hint else message)
     module.load_state_dict(state_dict, strict=False)
 
 
@@ -234,7 +253,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     """Load ImageNet weights (torchvision, detectron2 or Caffe2 naming) into ``backbone``."""
     path = Path(path)
     state_dict = backbone_state_dict_from_imagenet(_unwrap(path, read_weights_file(path)))
-    _load_into(backbone, state_dict, path, "backbone weights")
+    load_state_dict_checked(backbone, state_dict, source=f"{path} (backbone weights)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,4 +353,6 @@ def detector_state_dict_from_checkpoint(path: str | Path) -> dict[str, Tensor]:
 def load_detector_checkpoint(model: nn.Module, path: str | Path) -> None:
     """Load a whole-detector checkpoint (ours or mmdetection naming) into ``model``."""
     path = Path(path)
-    _load_into(model, detector_state_dict_from_checkpoint(path), path, "detector checkpoint")
+    load_state_dict_checked(
+        model, detector_state_dict_from_checkpoint(path), source=f"{path} (detector checkpoint)"
+    )

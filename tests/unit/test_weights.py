@@ -11,14 +11,16 @@ import torch
 import torchvision
 from torch import nn
 
-from autoassign.config import ModelConfig
-from autoassign.errors import AutoAssignError
+from autoassign.config import ExperimentConfig, ModelConfig
+from autoassign.engine.checkpoint import save_checkpoint
+from autoassign.errors import AutoAssignError, CheckpointError
 from autoassign.model import build_detector
 from autoassign.model.backbone import build_resnet
 from autoassign.model.weights import (
     WeightsError,
     from_mmdet_state_dict,
     load_backbone_weights,
+    load_state_dict_checked,
     to_mmdet_state_dict,
 )
 
@@ -145,6 +147,46 @@ def test_checkpoint_for_another_class_count_is_reported(tmp_path, trained_like_m
     torch.save(trained_like_model.state_dict(), path)
     with pytest.raises(WeightsError, match=r"three_classes\.pth.*head\.cls_logits\.weight"):
         build_detector(small_config(num_classes=5, checkpoint=path))
+
+
+def test_one_loader_reports_every_mismatch_with_its_context(trained_like_model):
+    state = dict(trained_like_model.state_dict())
+    del state["head.cls_logits.bias"]
+    state["head.extra.weight"] = torch.zeros(2)
+    state["fpn.p6.weight"] = torch.zeros(1, 1, 3, 3)
+    with pytest.raises(WeightsError) as error:
+        load_state_dict_checked(
+            build_detector(small_config()),
+            state,
+            source="ckpt.pt",
+            target="the model of this config",
+            hint="resume with the config the checkpoint was trained with",
+        )
+    assert str(error.value) == (
+        "ckpt.pt: does not fit the model of this config (missing keys (1): "
+        "['head.cls_logits.bias']; unexpected keys (1): ['head.extra.weight']; shape "
+        "mismatches (1): ['fpn.p6.weight: file (1, 1, 3, 3), model (64, 512, 3, 3)']); "
+        "resume with the config the checkpoint was trained with"
+    )
+    assert isinstance(error.value, CheckpointError)  # what the CLIs and the registry catch
+
+
+def test_predictor_names_the_checkpoint_whose_weights_do_not_fit(tmp_path, trained_like_model):
+    from autoassign.predict import Predictor
+
+    config = ExperimentConfig(model=small_config())
+    state = dict(trained_like_model.state_dict())
+    del state["head.objectness.weight"]
+    path = save_checkpoint(
+        {"model": state, "config": config.model_dump(mode="json"), "epoch": 1, "iteration": 1},
+        tmp_path / "checkpoint.pt",
+    )
+    with pytest.raises(CheckpointError) as error:
+        Predictor(path, device="cpu")
+    assert str(error.value).startswith(
+        f"{path}: does not fit the model of its config (missing keys (1): "
+        "['head.objectness.weight'])"
+    )
 
 
 def test_unreadable_and_missing_files(tmp_path):
