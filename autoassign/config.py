@@ -64,6 +64,11 @@ class CenterPriorConfig(_Strict):
     force_topk: int = Field(0, ge=0)
     """Reference default 0 (off). With k > 0, a box with no inside point gets its k
     highest-prior points (over all levels) marked inside; the reference uses k=9 when on."""
+    learnable: bool = True
+    """Ablation switch: ``false`` keeps ``mean`` and ``sigma`` at their initial values."""
+    kind: Literal["gaussian", "uniform"] = "gaussian"
+    """Ablation switch: ``uniform`` weighs every point inside a box alike (no center
+    weighting; ``mean`` and ``sigma`` are not trained and only rank ``force_topk`` points)."""
 
     @field_validator("mean_init", "sigma_init", mode="before")
     @classmethod
@@ -87,6 +92,9 @@ class LossConfig(_Strict):
     center_weight: float = 0.75
     giou_weight: float = 5.0
     """The factor of ``1 - GIoU`` inside ``exp(-reg_loss)``."""
+    confidence_weighting: bool = True
+    """Ablation switch: ``false`` drops the ``exp(3 * p_pos)`` factor from the positive
+    weights, leaving ``w = prior`` (see :func:`autoassign.model.loss.autoassign_loss`)."""
 
 
 class InferenceConfig(_Strict):

@@ -60,6 +60,7 @@ def dense_autoassign_loss(
     center_weight=0.75,
     giou_weight=5.0,
     force_topk=0,
+    confidence_weighting=True,
 ) -> dict[str, Tensor]:
     """Same contract as :func:`autoassign.model.loss.autoassign_loss`, computed densely."""
     dtype, device = cls_logits[0].dtype, cls_logits[0].device
@@ -117,6 +118,8 @@ def dense_autoassign_loss(
                 if not inside[:, g].any():
                     order = torch.sort(prior[:, g].detach(), descending=True, stable=True).indices
                     inside[order[:force_topk], g] = True
+        if center_prior.kind == "uniform":  # the Gaussian only ranked the forced points
+            prior = torch.ones_like(prior)
         prior = torch.where(inside, prior, torch.zeros_like(prior))
         prior_total = prior_total + prior.detach().sum()
 
@@ -133,7 +136,7 @@ def dense_autoassign_loss(
 
         # Positive loss.
         p_pos = joint[:, labels] * torch.exp(-giou_weight * (1 - giou))  # [P, G]
-        conf = torch.exp(3 * p_pos)
+        conf = torch.exp(3 * p_pos) if confidence_weighting else torch.ones_like(p_pos)
         weight = conf * prior / (conf * prior).sum(dim=0, keepdim=True).clamp(min=EPS)
         box_prob = (weight * p_pos).sum(dim=0)  # [G]
         pos_terms.append(

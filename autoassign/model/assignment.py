@@ -158,7 +158,7 @@ def forced_pairs(
         dim=-1,
     )  # [M, L, R, R, 2]
     prior_labels = labels[box_ids][:, None, None, None].expand(offsets.shape[:-1])
-    prior = center_prior(offsets, prior_labels)
+    prior = center_prior.density(offsets, prior_labels)  # uniform: rank by the Gaussian
     prior = torch.where(valid, prior, torch.full_like(prior, -1.0))
     # Flattened (level, row, col) order is the point order, so a stable sort breaks ties
     # towards the lower point index.

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
 from autoassign.model.box_ops import ltrb_to_boxes
-from autoassign.model.center_prior import CenterPrior
+from autoassign.model.center_prior import CenterPrior, PriorKind
 from autoassign.model.loss import autoassign_loss
 from autoassign.model.points import level_points
 
@@ -61,6 +61,10 @@ class AutoAssignHead(nn.Module):
         reg_bias_init: initial bias of the box-distance conv (4.0: boxes start at 4 strides).
         mean_init, sigma_init: initial center-prior Gaussian, in strides.
         force_topk: center-prior option for boxes with no inside point (0 = off).
+        prior_kind, prior_learnable: the center prior's ablation switches (see
+            :class:`~autoassign.model.center_prior.CenterPrior`).
+        confidence_weighting: the loss's ablation switch (see
+            :func:`~autoassign.model.loss.autoassign_loss`).
         pos_weight, neg_weight, center_weight, giou_weight: loss weights.
         score_threshold, pre_nms_top_k, nms_iou, max_detections: inference settings.
     """
@@ -77,6 +81,9 @@ class AutoAssignHead(nn.Module):
         mean_init: tuple[float, float] = (0.0, 0.0),
         sigma_init: tuple[float, float] = (1.0, 1.0),
         force_topk: int = 0,
+        prior_kind: PriorKind = "gaussian",
+        prior_learnable: bool = True,
+        confidence_weighting: bool = True,
         pos_weight: float = 0.25,
         neg_weight: float = 0.75,
         center_weight: float = 0.75,
@@ -96,9 +103,12 @@ class AutoAssignHead(nn.Module):
         self.bbox_reg = _output_conv(in_channels, 4, reg_bias_init)
         self.objectness = _output_conv(in_channels, 1, 0.0)
         self.scales = nn.ModuleList(Scale(1.0) for _ in self.strides)
-        self.center_prior = CenterPrior(num_classes, mean_init, sigma_init)
+        self.center_prior = CenterPrior(
+            num_classes, mean_init, sigma_init, kind=prior_kind, learnable=prior_learnable
+        )
 
         self.force_topk = force_topk
+        self.confidence_weighting = confidence_weighting
         self.loss_weights = {
             "pos_weight": pos_weight,
             "neg_weight": neg_weight,
@@ -142,6 +152,7 @@ class AutoAssignHead(nn.Module):
             gt_labels,
             self.center_prior,
             force_topk=self.force_topk,
+            confidence_weighting=self.confidence_weighting,
             **self.loss_weights,
         )
 

@@ -153,8 +153,17 @@ def autoassign_loss(
     center_weight=0.75,
     giou_weight=5.0,
     force_topk=0,
+    confidence_weighting=True,
 ) -> dict[str, Tensor]:
     """AutoAssign's positive, negative and center losses for one batch.
+
+    A box's positive probability is the weighted mean of its inside pairs' ``p_pos``::
+
+        P_g = sum_i w_i * p_pos_i / sum_i w_i,   p_pos_i = p_cls_i * p_obj_i * p_loc_i
+
+    with ``w_i = exp(3 * p_pos_i) * prior_i`` (the paper's confidence weighting, tau = 1/3;
+    the gradient flows through both factors, as in the reference) or, with
+    ``confidence_weighting=False``, ``w_i = prior_i``: the prior alone decides the weights.
 
     Args:
         cls_logits: per level ``[B, C, H_l, W_l]`` class logits.
@@ -170,6 +179,8 @@ def autoassign_loss(
             ``exp(-giou_weight * (1 - GIoU))``.
         force_topk: if > 0, a box with no point strictly inside gets its ``force_topk``
             highest-prior points (over all levels) as its inside points.
+        confidence_weighting: the ``exp(3 * p_pos)`` factor of the positive weights (an
+            ablation switch: False leaves the prior alone).
 
     Returns:
         ``{"loss_pos", "loss_neg", "loss_center"}`` scalar tensors. A batch without boxes gives
@@ -204,6 +215,7 @@ def autoassign_loss(
             center_weight=center_weight,
             giou_weight=giou_weight,
             force_topk=force_topk,
+            confidence_weighting=confidence_weighting,
         )
 
 
@@ -221,6 +233,7 @@ def _loss(
     center_weight,
     giou_weight,
     force_topk,
+    confidence_weighting,
 ) -> dict[str, Tensor]:
     device, dtype = cls_logits[0].device, cls_logits[0].dtype
     batch, num_classes = cls_logits[0].shape[:2]
@@ -259,7 +272,7 @@ def _loss(
         pred = ltrb_to_boxes(point_xy, distances[flat_point])  # [K, 4]
         p_loc = torch.exp(-giou_weight * (1 - aligned_giou(pred, target, eps=BOX_EPS)))
         p_pos = joint[flat_index] * p_loc  # [K]
-        weighted = torch.exp(3 * p_pos) * prior
+        weighted = torch.exp(3 * p_pos) * prior if confidence_weighting else prior
         weight_sum = weighted.new_zeros(num_boxes).index_add(0, pair_box, weighted)
         box_prob = weighted.new_zeros(num_boxes).index_add(0, pair_box, weighted * p_pos)
         box_prob = box_prob / weight_sum.clamp(min=EPS)  # [N]

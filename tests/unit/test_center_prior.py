@@ -73,3 +73,50 @@ def test_center_prior_gradients_match_the_gaussian_derivative():
     assert prior.mean.grad[0].tolist() == pytest.approx([v * dx / 1.5**2, v * dy / 0.8**2])
     assert prior.sigma.grad[0].tolist() == pytest.approx([v * dx**2 / 1.5**3, v * dy**2 / 0.8**3])
     assert prior.mean.grad[1].tolist() == [0.0, 0.0]
+
+
+def test_uniform_prior_is_one_everywhere_and_ranks_forced_points_by_its_gaussian():
+    prior = CenterPrior(2, mean_init=(0.5, 0.0), kind="uniform")
+    offsets = torch.tensor([[0.0, 0.0], [3.0, -2.0], [0.5, 0.0]])
+    labels = torch.tensor([0, 1, 0])
+    assert prior(offsets, labels).tolist() == [1.0, 1.0, 1.0]
+    assert prior.density(offsets, labels).tolist() == pytest.approx(
+        [gaussian(0.0, 0.5, 1.0), gaussian(3.0, 0.5, 1.0) * gaussian(-2.0, 0.0, 1.0), 1.0]
+    )
+    assert not prior.learnable  # nothing depends on mean and sigma: they are not trained
+
+
+@pytest.mark.parametrize(
+    ("center_prior", "trained"),
+    [({}, True), ({"learnable": False}, False), ({"kind": "uniform"}, False)],
+)
+def test_only_a_learnable_gaussian_prior_moves_in_training(center_prior, trained):
+    from autoassign.config import ModelConfig, TrainConfig
+    from autoassign.engine.optim import build_optimizer
+    from autoassign.model import build_detector
+
+    torch.manual_seed(0)
+    config = ModelConfig(
+        num_classes=2,
+        fpn_channels=64,
+        backbone={"depth": 18, "norm": "gn"},
+        head={"num_convs": 1},
+        center_prior=center_prior,
+    )
+    model = build_detector(config).train()
+    optimizer = build_optimizer(model, TrainConfig(weight_decay=0.1), lr=0.05)
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    prior = model.head.center_prior
+    assert (id(prior.mean) in optimized, id(prior.sigma) in optimized) == (trained, trained)
+    before = [prior.mean.detach().clone(), prior.sigma.detach().clone()]
+    head_bias = model.head.cls_logits.bias.detach().clone()
+    images = [torch.rand(3, 96, 96) * 255]
+    targets = [{"boxes": torch.tensor([[10.0, 12.0, 70.0, 60.0]]), "labels": torch.tensor([1])}]
+    for _ in range(2):
+        losses = model(images, targets)
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+    moved = [not torch.equal(before[0], prior.mean), not torch.equal(before[1], prior.sigma)]
+    assert moved == [trained, trained]
+    assert not torch.equal(head_bias, model.head.cls_logits.bias)  # the rest trains

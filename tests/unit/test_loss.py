@@ -202,6 +202,49 @@ def test_positive_center_and_negative_losses_of_one_box():
     grads_reach_everything(losses, head, prior)
 
 
+def one_box_case():
+    """The box and head of the one-box test: inside points A = (8, 8) and B = (16, 8)."""
+    box = (4.0, 4.0, 20.0, 12.0)
+    a, b = (8.0, 8.0), (16.0, 8.0)
+    ltrb_a, ltrb_b = (4.0, 4.0, 8.0, 4.0), (8.0, 8.0, 8.0, 8.0)
+    head = Head()
+    head.set(0, a, ltrb=ltrb_a, cls=(1.0, -2.0), obj=0.5)
+    head.set(0, b, ltrb=ltrb_b)
+    gious = [iou_giou(decode(a, ltrb_a), box)[1], iou_giou(decode(b, ltrb_b), box)[1]]
+    p_pos = [
+        sigmoid(1.0) * sigmoid(0.5) * math.exp(-5.0 * (1 - gious[0])),
+        0.25 * math.exp(-5.0 * (1 - gious[1])),
+    ]
+    return box, (a, b), head, p_pos
+
+
+def test_without_confidence_weighting_the_prior_alone_weighs_the_positives():
+    box, (a, b), head, p_pos = one_box_case()
+    mean = (0.25, 0.0)
+    losses = head.loss([[box]], [[0]], make_prior(mean0=mean), confidence_weighting=False)
+    priors = [gaussian_prior(a, box, mean), gaussian_prior(b, box, mean)]
+    weights = [w / sum(priors) for w in priors]  # w_i = prior_i, normalised per box
+    assert weights == pytest.approx([0.4378235, 0.5621765], rel=1e-6)
+    box_prob = sum(w * p for w, p in zip(weights, p_pos))
+    assert losses["loss_pos"].item() == pytest.approx(0.25 * -math.log(box_prob), rel=1e-10)
+    with_confidence = head.loss([[box]], [[0]], make_prior(mean0=mean))["loss_pos"].item()
+    # exp(3 p_pos) favours A, whose p_pos is higher: P_g rises and the loss falls.
+    assert p_pos[0] > p_pos[1] and with_confidence < losses["loss_pos"].item()
+
+
+def test_uniform_prior_weighs_every_inside_point_alike():
+    box, _, head, p_pos = one_box_case()
+    prior = CenterPrior(NUM_CLASSES, kind="uniform").double()
+    losses = head.loss([[box]], [[0]], prior)
+    confidence = [math.exp(3 * p) for p in p_pos]  # times a prior of 1 at both points
+    box_prob = sum(c * p for c, p in zip(confidence, p_pos)) / sum(confidence)
+    assert losses["loss_pos"].item() == pytest.approx(0.25 * -math.log(box_prob), rel=1e-10)
+    # loss_center = G / sum(prior) = 1 / 2; nothing in it is trained.
+    assert losses["loss_center"].item() == pytest.approx(0.75 * 1 / 2, rel=1e-12)
+    assert not losses["loss_center"].requires_grad
+    assert not (prior.mean.requires_grad or prior.sigma.requires_grad)
+
+
 def test_iou_row_max_is_taken_over_all_boxes_before_masking():
     box1 = (4.0, 4.0, 20.0, 12.0)  # class 0, inside points A = (8, 8) and B = (16, 8)
     box2 = (8.5, 8.5, 15.0, 15.0)  # class 1, no point strictly inside (A is outside it)
@@ -492,17 +535,19 @@ def random_batch(boxes_per_image, num_classes=4, dtype=F64, seed=0):
     return cls, reg, obj, boxes, labels, prior
 
 
-def losses_and_grads(loss_fn, cls, reg, obj, boxes, labels, prior, force_topk):
+def losses_and_grads(loss_fn, cls, reg, obj, boxes, labels, prior, force_topk, **switches):
     leaves = [t.clone().requires_grad_() for t in (*cls, *reg, *obj)]
     n = len(STRIDES)
     prior.zero_grad(set_to_none=True)
     losses = loss_fn(
         leaves[:n], leaves[n : 2 * n], leaves[2 * n :], STRIDES, boxes, labels, prior,
-        force_topk=force_topk,
+        force_topk=force_topk, **switches,
     )  # fmt: skip
     total = 1.3 * losses["loss_pos"] + 0.7 * losses["loss_neg"] + 1.1 * losses["loss_center"]
     total.backward()
-    grads = [t.grad for t in leaves] + [prior.mean.grad.clone(), prior.sigma.grad.clone()]
+    grads = [t.grad for t in leaves]
+    if prior.learnable:
+        grads += [prior.mean.grad.clone(), prior.sigma.grad.clone()]
     return {k: v.item() for k, v in losses.items()}, grads
 
 
@@ -518,6 +563,35 @@ def test_matches_dense_reference(boxes_per_image, force_topk):
         torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-10)
     if sum(boxes_per_image):
         assert sparse["loss_pos"] > 0 and sparse["loss_center"] > 0
+
+
+@pytest.mark.parametrize(
+    ("kind", "learnable", "confidence_weighting"),
+    [("gaussian", True, False), ("gaussian", False, True), ("uniform", True, True)],
+)
+def test_ablations_match_the_dense_reference(kind, learnable, confidence_weighting):
+    torch.set_num_threads(1)
+    cls, reg, obj, boxes, labels, prior = random_batch((7, 30), seed=5)
+    ablated = CenterPrior(4, kind=kind, learnable=learnable).double()
+    with torch.no_grad():
+        ablated.mean.copy_(prior.mean)
+        ablated.sigma.copy_(prior.sigma)
+    inputs = (cls, reg, obj, boxes, labels, ablated)
+    switch = {"confidence_weighting": confidence_weighting}
+    sparse, sparse_grads = losses_and_grads(autoassign_loss, *inputs, 9, **switch)
+    dense, dense_grads = losses_and_grads(dense_autoassign_loss, *inputs, 9, **switch)
+    assert sparse == pytest.approx(dense, rel=1e-9, abs=1e-12)
+    assert len(sparse_grads) == len(dense_grads) == 15 + 2 * ablated.learnable
+    for got, want in zip(sparse_grads, dense_grads):
+        torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-10)
+    full, _ = losses_and_grads(autoassign_loss, cls, reg, obj, boxes, labels, prior, 9)
+    if kind == "gaussian" and learnable:  # only the positive weights change
+        assert sparse["loss_pos"] != pytest.approx(full["loss_pos"], rel=1e-6)
+        assert (sparse["loss_neg"], sparse["loss_center"]) == pytest.approx(
+            (full["loss_neg"], full["loss_center"]), rel=1e-12
+        )
+    elif kind == "gaussian":  # a fixed prior changes no value, only what is trained
+        assert sparse == pytest.approx(full, rel=1e-12)
 
 
 def test_matches_dense_reference_with_small_iou_tiles_and_chunks(monkeypatch):
