@@ -1,6 +1,19 @@
 """Building a split's dataset from a :class:`~autoassign.config.DataConfig`: which roots it
 reads (the extra training roots of VOC 07+12), the reader of its format with the configured
-paths, the synthetic set written on demand, and empty training images dropped."""
+paths, the synthetic set written on demand, and the training images left out.
+
+Training images left out, as the reference recipe does (mmdetection's ``filter_cfg``:
+``filter_empty_gt=True, min_size=32``), in this order (:data:`TRAINING_IMAGE_FILTERS`; an
+image is counted under the first rule it meets):
+
+1. ``no_training_boxes``: the image has no training box (no box at all, or only ignore
+   regions), when ``DataConfig.skip_empty_train_images`` (the default);
+2. ``small_image``: its width or height is under :data:`MIN_TRAIN_IMAGE_SIDE` (32) pixels.
+
+Only the training split loses images; every other split keeps all of them, so evaluation
+sees every image. (Annotations that are not training boxes are left out by the readers
+themselves, see :mod:`autoassign.data.coco`.)
+"""
 
 from __future__ import annotations
 
@@ -13,18 +26,30 @@ from autoassign.data import coco, objects365, voc, widerface
 from autoassign.data.coco import read_coco
 from autoassign.data.errors import DatasetError, ProblemLog
 from autoassign.data.objects365 import read_objects365
-from autoassign.data.records import DetectionDataset
+from autoassign.data.records import DetectionDataset, ImageRecord
 from autoassign.data.voc import read_voc
 from autoassign.data.widerface import read_widerface
+
+MIN_TRAIN_IMAGE_SIDE = 32
+"""Training images with a side under this many pixels are skipped (the reference's
+``min_size=32``)."""
+
+TRAINING_IMAGE_FILTERS: dict[str, str] = {
+    "no_training_boxes": "no training box",
+    "small_image": f"a side under {MIN_TRAIN_IMAGE_SIDE} px",
+}
+"""Rule name -> what it means, in the order the rules are checked (see the module docstring)."""
 
 
 def build_dataset(cfg: DataConfig, split: str) -> DetectionDataset:
     """The records of ``split`` as ``cfg`` describes them.
 
     For the training split (``split == cfg.train_split``) the same split of every
-    ``cfg.extra_train_roots`` is appended (VOC 07+12), and when
-    ``cfg.skip_empty_train_images`` images with no training target (no box, or only ignore
-    regions) are dropped; ``meta["skipped_empty"]`` counts them. Other splits keep every image.
+    ``cfg.extra_train_roots`` is appended (VOC 07+12), and the images of
+    :data:`TRAINING_IMAGE_FILTERS` are dropped (see the module docstring):
+    ``meta["skipped_images"]`` maps each rule to the ids of the images it dropped and
+    ``meta["skipped_empty"]`` counts those without a training box. Other splits keep every
+    image.
 
     Raises:
         DatasetError: a file is missing or malformed; the message names the file and the
@@ -32,11 +57,29 @@ def build_dataset(cfg: DataConfig, split: str) -> DetectionDataset:
     """
     ensure_dataset(cfg)
     dataset = read_split(cfg, split)
-    if split == cfg.train_split and cfg.skip_empty_train_images:
-        kept = [record for record in dataset.records if record.num_targets > 0]
-        dataset.meta["skipped_empty"] = len(dataset.records) - len(kept)
+    if split == cfg.train_split:
+        skipped: dict[str, list] = {name: [] for name in TRAINING_IMAGE_FILTERS}
+        kept = []
+        for record in dataset.records:
+            rule = training_image_rule(record, skip_empty=cfg.skip_empty_train_images)
+            if rule is None:
+                kept.append(record)
+            else:
+                skipped[rule].append(record.image_id)
+        dataset.meta["skipped_images"] = skipped
+        dataset.meta["skipped_empty"] = len(skipped["no_training_boxes"])
         dataset.records = kept
     return dataset
+
+
+def training_image_rule(record: ImageRecord, *, skip_empty: bool) -> str | None:
+    """The rule of :data:`TRAINING_IMAGE_FILTERS` that leaves ``record`` out of training, or
+    None when it trains; ``skip_empty`` is ``DataConfig.skip_empty_train_images``."""
+    if skip_empty and record.num_targets == 0:
+        return "no_training_boxes"
+    if min(record.width, record.height) < MIN_TRAIN_IMAGE_SIDE:
+        return "small_image"
+    return None
 
 
 def read_split(
@@ -164,6 +207,11 @@ def _concatenate(parts: list[DetectionDataset], roots: list[Path]) -> DetectionD
     meta["roots"] = roots
     meta["image_ids"] = [record.image_id for part in parts for record in part.records]
     meta["problems"] = [p for part in parts for p in part.meta.get("problems", [])]
+    if "filtered_annotations" in first.meta:
+        meta["filtered_annotations"] = {
+            rule: [i for part in parts for i in part.meta["filtered_annotations"].get(rule, [])]
+            for rule in first.meta["filtered_annotations"]
+        }
     return DetectionDataset(
         format=first.format,
         split=first.split,

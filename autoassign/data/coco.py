@@ -6,6 +6,23 @@ files. ``bbox`` is ``[x, y, w, h]`` in continuous pixels and becomes ``x1, y1, x
 ``iscrowd=1`` annotations are kept as ignore regions. Images without annotations are kept
 (``build_dataset`` may drop them from training).
 
+Annotations that are not training boxes. The reference recipe (mmdetection's COCO-style
+loading, under which AutoAssign's published 40.4 AP was trained) leaves some annotations out
+altogether, and so do these readers: such an annotation is in no record, neither a training
+box nor an ignore region. The rules, :data:`TRAINING_FILTERS`, are checked in this order and
+an annotation is counted under the first one it meets:
+
+1. ``ignore_flag``: its ``ignore`` field is set (``"ignore": 1``);
+2. ``area``: its ``area`` field is 0 or less (an annotation without ``area`` passes);
+3. ``under_1px``: its ``bbox`` is under 1 px wide or high (``w < 1`` or ``h < 1``; zero and
+   negative sizes included);
+4. ``outside_image``: its box does not overlap its image at all.
+
+A crowd annotation that passes them is an ignore region. ``meta["filtered_annotations"]``
+gives, per rule, the ids of the annotations it left out (``annotations[i]`` for one without
+an id); the validator reports them. Evaluation does not depend on them: pycocotools reads the
+json itself (:mod:`autoassign.eval.coco`).
+
 The same parser reads Objects365, which is COCO-style (see ``objects365.py``).
 """
 
@@ -32,6 +49,14 @@ from autoassign.data.errors import (
 )
 from autoassign.data.images import check_image
 from autoassign.data.records import DetectionDataset, ImageRecord
+
+TRAINING_FILTERS: dict[str, str] = {
+    "ignore_flag": "'ignore' flag set",
+    "area": "'area' 0 or less",
+    "under_1px": "box under 1 px wide or high",
+    "outside_image": "box outside its image",
+}
+"""Rule name -> what it means, in the order the rules are checked (see the module docstring)."""
 
 
 def default_paths(root: Path, split: str) -> tuple[Path, Path]:
@@ -61,7 +86,8 @@ def read_coco(
     Returns:
         A ``DetectionDataset`` with ``meta`` keys ``annotation_file`` (Path),
         ``category_ids`` (label -> json category id), ``image_ids`` (in record order),
-        ``image_dir`` and ``problems`` (the warnings met).
+        ``image_dir``, ``problems`` (the warnings met) and ``filtered_annotations`` (rule
+        name of :data:`TRAINING_FILTERS` -> ids of the annotations it left out).
     """
     annotation_file = Path(annotation_file)
     image_dir = Path(image_dir)
@@ -161,6 +187,9 @@ def parse_coco_json(
     ann_label: list[int] = []
     ann_bbox: list[list] = []
     ann_crowd: list[bool] = []
+    ann_ignore_flag: list[bool] = []
+    ann_area: list[float] = []  # NaN where the annotation has no 'area'
+    ann_ids: list = []  # the id, or the place of an annotation without one
     seen_ann_ids: set = set()
     for index, ann in enumerate(annotations):
         if not isinstance(ann, dict):
@@ -194,26 +223,46 @@ def parse_coco_json(
                 MALFORMED, annotation_file, where, f"bbox must be 4 finite numbers, got {bbox!r}"
             )
             continue
+        area = ann.get("area")
+        if area is not None and not _finite_number(area):
+            log.error(MALFORMED, annotation_file, where, f"area must be a number, got {area!r}")
+            continue
         ann_where.append(where)
         ann_image.append(position)
         ann_label.append(label)
         ann_bbox.append(bbox)
         ann_crowd.append(bool(ann.get("iscrowd", 0)))
+        ann_ignore_flag.append(bool(ann.get("ignore", 0)))
+        ann_area.append(math.nan if area is None else float(area))
+        ann_ids.append(ann_id if ann_id is not None else f"annotations[{index}]")
 
     xywh = np.asarray(ann_bbox, dtype=np.float64).reshape(-1, 4)
-    xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
     image_index = np.asarray(ann_image, dtype=np.int64)
     sizes = np.asarray([(entry[2], entry[3]) for entry in kept], dtype=np.float64).reshape(-1, 2)
+    rules = training_filter_rules(
+        xywh,
+        np.asarray(ann_area, dtype=np.float64),
+        np.asarray(ann_ignore_flag, dtype=bool),
+        sizes[image_index, 0],
+        sizes[image_index, 1],
+    )
+    names = list(TRAINING_FILTERS)
+    filtered = {
+        name: [ann_ids[i] for i in np.flatnonzero(rules == k)] for k, name in enumerate(names)
+    }
+    used = np.flatnonzero(rules < 0)
+    xywh, image_index = xywh[used], image_index[used]
+    xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
     boxes, degenerate = check_boxes(
         xyxy,
         sizes[image_index, 0],
         sizes[image_index, 1],
         log,
         annotation_file,
-        lambda i: ann_where[i],
+        lambda i: ann_where[used[i]],
     )
-    labels = np.asarray(ann_label, dtype=np.int64)
-    ignore = np.asarray(ann_crowd, dtype=bool) | degenerate
+    labels = np.asarray(ann_label, dtype=np.int64)[used]
+    ignore = np.asarray(ann_crowd, dtype=bool)[used] | degenerate
 
     # Group by image, keeping the json's annotation order within each image.
     order = np.argsort(image_index, kind="stable")
@@ -243,17 +292,54 @@ def parse_coco_json(
             "category_ids": category_ids,
             "image_ids": [record.image_id for record in records],
             "problems": log.warnings,
+            "filtered_annotations": filtered,
             **(meta or {}),
         },
     )
 
 
+def training_filter_rules(
+    xywh: np.ndarray,
+    area: np.ndarray,
+    ignore_flag: np.ndarray,
+    image_width: np.ndarray,
+    image_height: np.ndarray,
+) -> np.ndarray:
+    """Which rule of :data:`TRAINING_FILTERS` leaves each annotation out, if any.
+
+    Args:
+        xywh: ``[N, 4]`` the annotations' ``bbox`` as the json gives it (pixels).
+        area: ``[N]`` their ``area`` field, NaN where absent.
+        ignore_flag: ``[N]`` bool, their ``ignore`` field.
+        image_width, image_height: ``[N]`` the size in pixels of each annotation's image.
+
+    Returns:
+        ``[N]`` int64: the index in :data:`TRAINING_FILTERS` of the first rule the annotation
+        meets, or -1 for an annotation that stays (a training box, or a crowd ignore region).
+    """
+    x, y, w, h = np.asarray(xywh, dtype=np.float64).reshape(-1, 4).T
+    overlap_w = np.minimum(x + w, image_width) - np.maximum(x, 0.0)
+    overlap_h = np.minimum(y + h, image_height) - np.maximum(y, 0.0)
+    met = [
+        np.asarray(ignore_flag, dtype=bool),
+        np.asarray(area, dtype=np.float64) <= 0,  # NaN (no area) compares False
+        (w < 1) | (h < 1),
+        (overlap_w <= 0) | (overlap_h <= 0),
+    ]
+    rules = np.full(len(x), -1, dtype=np.int64)
+    for index in reversed(range(len(met))):  # the first rule met wins
+        rules[met[index]] = index
+    return rules
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _valid_bbox(bbox: Any) -> bool:
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
         return False
-    return all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox
-    )
+    return all(_finite_number(v) for v in bbox)
 
 
 def _parse_categories(categories: list, file: Path, log: ProblemLog) -> dict[int, str]:

@@ -8,7 +8,10 @@
 
 Classes are mapped by sorted category id, never by name: v1's train and val jsons list the
 categories in different orders and v2's names carry typos and trailing spaces. ``iscrowd``
-annotations are ignore regions, as for COCO.
+annotations are ignore regions, as for COCO, and the same annotations are left out of the
+records as the reference recipe leaves them out of training (an ``ignore`` flag, ``area``
+0 or less, a box under 1 px wide or high or outside its image: the rules and their order are
+:data:`autoassign.data.coco.TRAINING_FILTERS`, documented in :mod:`autoassign.data.coco`).
 """
 
 from __future__ import annotations

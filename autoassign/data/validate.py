@@ -2,8 +2,12 @@
 
 The scan reads the annotations with the normal readers in their collecting mode and checks
 each image's header (no pixel decoding): the file exists, is a readable image and has the
-size the annotations give. Training calls :func:`scan_dataset` first and refuses to start
-when :attr:`ScanReport.ok` is False. From the command line::
+size the annotations give. It also counts what training will not use, per rule: the
+annotations the COCO-style readers leave out (:data:`autoassign.data.coco.TRAINING_FILTERS`)
+and, for the training split, the images skipped
+(:data:`autoassign.data.building.TRAINING_IMAGE_FILTERS`). Training calls
+:func:`scan_dataset` first and refuses to start when :attr:`ScanReport.ok` is False. From the
+command line::
 
     python -m autoassign.data validate --format voc --root data/VOC2007 --split trainval [--json]
 """
@@ -17,7 +21,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autoassign.config import DataConfig
-from autoassign.data.building import count_boxes, read_root, split_roots
+from autoassign.data.building import (
+    TRAINING_IMAGE_FILTERS,
+    count_boxes,
+    read_root,
+    split_roots,
+    training_image_rule,
+)
+from autoassign.data.coco import TRAINING_FILTERS
 from autoassign.data.errors import DatasetError, Problem, ProblemLog, ProblemsBySeverity
 
 
@@ -33,6 +44,12 @@ class ScanReport(ProblemsBySeverity):
     boxes_per_class: dict[str, int] = field(default_factory=dict)
     """Training boxes (not ignored) per class name."""
     ignored_boxes: int = 0
+    filtered_annotations: dict[str, list] = field(default_factory=dict)
+    """Per rule of ``TRAINING_FILTERS``, the ids of the annotations the reader left out
+    (COCO-style formats only; empty for the others)."""
+    filtered_images: dict[str, list] = field(default_factory=dict)
+    """Per rule of ``TRAINING_IMAGE_FILTERS``, the ids of the images training skips (the
+    training split only; empty for the others)."""
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -60,6 +77,14 @@ class ScanReport(ProblemsBySeverity):
             empty = sum(n == 0 for n in self.boxes_per_class.values())
             per_class += f" ({empty} classes without boxes)" if empty else ""
             lines += textwrap.wrap(per_class, 96, initial_indent="    ", subsequent_indent="    ")
+        lines += _rule_lines(
+            "annotations not used for training (the reference recipe's rules)",
+            self.filtered_annotations,
+            TRAINING_FILTERS,
+        )
+        lines += _rule_lines(
+            "training images skipped", self.filtered_images, TRAINING_IMAGE_FILTERS
+        )
         errors = _plural(len(self.errors), "error")
         lines.append(f"  {errors}, {_plural(len(self.warnings), 'warning')}")
         shown: Counter[str] = Counter()
@@ -89,6 +114,8 @@ class ScanReport(ProblemsBySeverity):
             "num_boxes": self.num_boxes,
             "ignored_boxes": self.ignored_boxes,
             "boxes_per_class": self.boxes_per_class,
+            "filtered_annotations": self.filtered_annotations,
+            "filtered_images": self.filtered_images,
             "errors": [p.to_dict() for p in self.errors],
             "warnings": [p.to_dict() for p in self.warnings],
             "notes": self.notes,
@@ -98,6 +125,24 @@ class ScanReport(ProblemsBySeverity):
 
 def _plural(count: int, word: str) -> str:
     return f"{count} {word}" + ("" if count == 1 else "s")
+
+
+def _rule_lines(
+    title: str, ids_by_rule: dict[str, list], meanings: dict[str, str], shown_ids: int = 5
+) -> list[str]:
+    """A title, then one line per rule: its meaning, the count and the first few ids."""
+    if not ids_by_rule:
+        return []
+    lines = [f"  {title}:"]
+    for rule, meaning in meanings.items():
+        ids = ids_by_rule.get(rule, [])
+        line = f"    {meaning}: {len(ids)}"
+        if ids:
+            listed = ", ".join(str(i) for i in ids[:shown_ids])
+            more = ", ..." if len(ids) > shown_ids else ""
+            line += f" ({'id' if len(ids) == 1 else 'ids'} {listed}{more})"
+        lines.append(line)
+    return lines
 
 
 def scan_dataset(cfg: DataConfig, split: str) -> ScanReport:
@@ -126,6 +171,15 @@ def scan_dataset(cfg: DataConfig, split: str) -> ScanReport:
         report.ignored_boxes += ignored
         report.num_images += len(dataset)
         report.images_without_targets += sum(r.num_targets == 0 for r in dataset.records)
+        for rule, ids in dataset.meta.get("filtered_annotations", {}).items():
+            report.filtered_annotations.setdefault(rule, []).extend(ids)
+        if split == cfg.train_split:
+            for rule in TRAINING_IMAGE_FILTERS:
+                report.filtered_images.setdefault(rule, [])
+            for record in dataset.records:
+                rule = training_image_rule(record, skip_empty=cfg.skip_empty_train_images)
+                if rule is not None:
+                    report.filtered_images[rule].append(record.image_id)
     report.boxes_per_class = {name: per_class[name] for name in class_names}
     report.problems = log.problems
     report.notes = log.notes

@@ -157,7 +157,7 @@ def test_voc_07_plus_12_union_for_training_only(tmp_path):
 def _objects365_json(file_names, categories):
     return {
         "images": [
-            {"id": i + 1, "file_name": name, "width": 40, "height": 30}
+            {"id": i + 1, "file_name": name, "width": 40, "height": 32}
             for i, name in enumerate(file_names)
         ],
         "annotations": [
