@@ -2,8 +2,10 @@
 
 One row per dataset: the best finished trial by the dataset's ranking metric, the other
 metrics of its protocol, its searched parameters, run link and checkpoint URI. ``--by PARAM``
-shows how one searched parameter moves each dataset's metric (trials, mean and best per
-value). No Ray is needed, only the tracking server (or the sweep's SQLite file).
+shows how one searched parameter (or ``variant``) moves each dataset's metric: trials,
+mean ± sample standard deviation, min and max per value; ``--classes A,B`` adds the mean
+per-class AP of those classes against the others. No Ray is needed, only the tracking
+server (or the sweep's SQLite file).
 
 Exit status: 0 with a table, 2 for an experiment, sweep, metric or parameter that does not
 exist (the message lists what does).
@@ -171,8 +173,15 @@ def leaderboard(summaries: list[DatasetSummary], runs_url: str | None) -> list[d
     return rows
 
 
-def by_parameter(summaries: list[DatasetSummary], param: str) -> list[dict[str, Any]]:
-    """Per dataset and value of ``param``: trials, mean and best of the ranking metric."""
+def by_parameter(
+    summaries: list[DatasetSummary], param: str, classes: Sequence[str] = ()
+) -> list[dict[str, Any]]:
+    """Per dataset and value of ``param``: trials, and the ranking metric's mean, sample
+    standard deviation, min and max over them (the spread over seeds, in a seeded sweep).
+
+    With ``classes``, two more statistics: the mean per-class AP (``AP/<class>``) of the
+    named classes, and of the dataset's other classes, each averaged over the trials.
+    """
     searched = sorted({k for s in summaries for t in s.trials for k in t.params})
     if param not in searched:
         raise CompareError(
@@ -181,22 +190,51 @@ def by_parameter(summaries: list[DatasetSummary], param: str) -> list[dict[str, 
         )
     rows = []
     for s in summaries:
-        groups: dict[str, list[float]] = {}
+        groups: dict[str, list[Trial]] = {}
         for trial in s.scored:
-            groups.setdefault(trial.params.get(param, "-"), []).append(trial.metrics[s.metric])
+            groups.setdefault(trial.params.get(param, "-"), []).append(trial)
+        named, others = _class_split(s, classes) if classes else ([], [])
         for value in sorted(groups, key=natural_order):
-            scores = groups[value]
-            rows.append(
-                {
-                    "dataset": s.dataset,
-                    "metric": s.metric,
-                    param: value,
-                    "trials": len(scores),
-                    "mean": statistics.fmean(scores),
-                    "best": max(scores),
-                }
-            )
+            trials = groups[value]
+            row = {"dataset": s.dataset, "metric": s.metric, param: value}
+            row.update(_spread([t.metrics[s.metric] for t in trials]))
+            if classes:
+                row["classes"] = _spread([_mean_ap(t, named) for t in trials], prefix="named_")
+                row["classes"].update(
+                    _spread([_mean_ap(t, others) for t in trials], prefix="others_")
+                )
+            rows.append(row)
     return rows
+
+
+def _spread(values: list[float], prefix: str = "") -> dict[str, Any]:
+    finite = [v for v in values if _finite(v)]
+    return {
+        f"{prefix}trials": len(finite),
+        f"{prefix}mean": statistics.fmean(finite) if finite else None,
+        f"{prefix}sd": statistics.stdev(finite) if len(finite) > 1 else None,
+        f"{prefix}min": min(finite, default=None),
+        f"{prefix}best": max(finite, default=None),
+    }
+
+
+def _class_split(summary: DatasetSummary, classes: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The ``AP/<class>`` metric names of ``classes`` and of the dataset's other classes."""
+    reported = sorted({k for t in summary.trials for k in t.metrics if k.startswith("AP/")})
+    named = [f"AP/{name}" for name in classes]
+    missing = [name for name, key in zip(classes, named) if key not in reported]
+    if missing:
+        have = ", ".join(key[3:] for key in reported) or "(no per-class AP)"
+        raise CompareError(
+            f"--classes: dataset {summary.dataset!r} reports no AP for {', '.join(missing)}; "
+            f"its classes are: {have}"
+        )
+    return named, [key for key in reported if key not in named]
+
+
+def _mean_ap(trial: Trial, keys: list[str]) -> float:
+    values = [trial.metrics[k] for k in keys if _finite(trial.metrics.get(k))]
+    return statistics.fmean(values) if values else float("nan")
 
 
 # ---- output ----------------------------------------------------------------------------------
@@ -228,18 +266,20 @@ def leaderboard_cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[
 
 
 def by_parameter_cells(rows: list[dict[str, Any]], param: str):
-    header = ["dataset", "metric", param, "trials", "mean", "best"]
-    cells = [
-        [
-            r["dataset"],
-            r["metric"],
-            str(r[param]),
-            str(r["trials"]),
-            _number(r["mean"]),
-            _number(r["best"]),
-        ]  # fmt: skip
-        for r in rows
-    ]
+    """Columns: dataset, metric, the value, trials, mean, sd, min, best (the max); with a
+    class split, the named and the other classes' mean AP and its sd."""
+    split = any("classes" in r for r in rows)
+    header = ["dataset", "metric", param, "trials", "mean", "sd", "min", "best"]
+    if split:
+        header += ["named AP", "named sd", "other AP", "other sd"]
+    cells = []
+    for r in rows:
+        line = [r["dataset"], r["metric"], str(r[param]), str(r["trials"])]
+        line += [_number(r[k]) for k in ("mean", "sd", "min", "best")]
+        if split:
+            line += [_number(r["classes"][k]) for k in ("named_mean", "named_sd")]
+            line += [_number(r["classes"][k]) for k in ("others_mean", "others_sd")]
+        cells.append(line)
     return header, cells
 
 
@@ -305,7 +345,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "sweep's SQLite file runs/<experiment>/mlflow.db")  # fmt: skip
     parser.add_argument("--sweep", help="only this sweep id (default: every trial)")
     parser.add_argument("--metric", help="rank every dataset by this metric instead")
-    parser.add_argument("--by", metavar="PARAM", help="a searched parameter's effect instead")
+    parser.add_argument("--by", metavar="PARAM", help="a searched parameter's effect instead "
+                        "(mean ± sd, min and max of the metric per value; variant for a "
+                        "sweep's variants)")  # fmt: skip
+    parser.add_argument("--classes", metavar="A,B,...", help="with --by: also the mean "
+                        "per-class AP of these classes against the other classes")  # fmt: skip
     parser.add_argument("--format", choices=FORMATS, default="table")
     return parser.parse_args(argv)
 
@@ -324,8 +368,11 @@ def compare(args: argparse.Namespace) -> str:
     client = MlflowClient(uri)
     experiment_id, summaries = load_trials(client, args.experiment, sweep_id=args.sweep)
     summaries = with_metric(summaries, args.metric)
+    if args.classes and not args.by:
+        raise CompareError("--classes goes with --by")
     if args.by:
-        rows = by_parameter(summaries, args.by)
+        classes = [c.strip() for c in (args.classes or "").split(",") if c.strip()]
+        rows = by_parameter(summaries, args.by, classes)
         if args.format == "json":
             return json.dumps(rows, indent=2) + "\n"
         return render(*by_parameter_cells(rows, args.by), args.format)

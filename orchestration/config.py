@@ -12,6 +12,9 @@ A sweep file is exactly :class:`SweepConfig` (pydantic, unknown keys are errors)
     search_space:                    # dot paths into ExperimentConfig -> one distribution each
       train.schedule: {grid: [1x, 13e]}
       model.center_prior.sigma_init: {uniform: [0.5, 2.0]}
+    variants:                        # named bundles of overrides, crossed with the search
+      full: {}                       # like one more grid key (the trials' ``variant`` param)
+      fixed_prior: {model.center_prior.learnable: false}
     search: {algorithm: grid, num_samples: 1, scheduler: {type: asha}}
     resources: {workers_per_trial: 1, cpus_per_worker: 1, gpus_per_worker: 0}
     tracking: {uri: null, experiment: null}
@@ -283,6 +286,10 @@ class SweepConfig(_Strict):
     base: ExperimentConfig = ExperimentConfig()
     datasets: list[DatasetConfig] = Field(min_length=1)
     search_space: dict[str, Distribution] = Field(default_factory=dict)
+    variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Named bundles of experiment overrides (dot path -> value), e.g. an ablation's
+    switches. Each dataset runs every variant at every point of the search, as if
+    ``variant`` were one more ``grid`` key; trials log its name as the ``variant`` param."""
     search: SearchConfig = SearchConfig()
     resources: ResourcesConfig = ResourcesConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -300,6 +307,16 @@ class SweepConfig(_Strict):
         if duplicates:
             raise ValueError(f"dataset names must be unique; repeated: {', '.join(duplicates)}")
         return datasets
+
+    @field_validator("variants")
+    @classmethod
+    def _variant_names(cls, variants: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        bad = [name for name in variants if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name)]
+        if bad:
+            raise ValueError(
+                f"variant names are letters, digits, '_', '.' and '-'; not {', '.join(bad)}"
+            )
+        return variants
 
     @property
     def resolved_output_dir(self) -> Path:
@@ -348,6 +365,7 @@ def load_sweep_config(path: str | Path, overrides: Iterable[str] = ()) -> SweepC
         check_dataset_overrides(dataset, source=f"{path}: datasets.{index}.overrides")
         trial_experiment(sweep, dataset, {}, source=f"{path}: datasets.{index}.overrides")
     check_search_space(sweep, source=str(path))
+    check_variants(sweep, source=str(path))
     return sweep
 
 
@@ -442,6 +460,32 @@ def check_search_space(sweep: SweepConfig, *, source: str) -> None:
                 trial_experiment(sweep, dataset, {key: value}, source=where, value_note=value)
 
 
+def check_variants(sweep: SweepConfig, *, source: str) -> None:
+    """Each variant's keys name ExperimentConfig fields that neither the sweep sets nor the
+    search space searches, and every variant validates on every dataset."""
+    if VARIANT_KEY in sweep.search_space:
+        raise ConfigError(f"{source}: search_space.{VARIANT_KEY}: list variants under variants:")
+    for name, settings in sweep.variants.items():
+        where = f"{source}: variants.{name}"
+        for key in settings:
+            try:
+                check_field_path(ExperimentConfig, key)
+            except ConfigError as error:
+                raise ConfigError(f"{where}.{key}: {error}") from None
+            if key in SWEEP_OWNED_FIELDS:
+                raise ConfigError(f"{where}.{key}: set by the sweep, not by a variant")
+            if key in sweep.search_space:
+                raise ConfigError(
+                    f"{where}.{key}: also in search_space; a trial's value would be ambiguous"
+                )
+        for dataset in sweep.datasets:
+            trial_experiment(sweep, dataset, {VARIANT_KEY: name}, source=where)
+
+
+VARIANT_KEY = "variant"
+"""The trial parameter naming the trial's variant (see :attr:`SweepConfig.variants`)."""
+
+
 def trial_experiment(
     sweep: SweepConfig,
     dataset: DatasetConfig,
@@ -451,11 +495,21 @@ def trial_experiment(
     value_note: Any = None,
     output_dir: Path | None = None,
 ) -> ExperimentConfig:
-    """The ExperimentConfig of one trial: ``base``, then the dataset, then sampled ``params``.
+    """The ExperimentConfig of one trial: ``base``, then the dataset, then its variant's
+    overrides, then the sampled ``params``.
 
     Args:
-        params: dot path -> value, as the search space sampled them.
+        params: dot path -> value, as the search space sampled them, and
+            :data:`VARIANT_KEY` -> a name among ``sweep.variants`` when the sweep has them.
     """
+    params = dict(params)
+    variant = params.pop(VARIANT_KEY, None)
+    if variant is not None and variant not in sweep.variants:
+        raise ConfigError(
+            f"{source}: no variant {variant!r}; the sweep has: "
+            + (", ".join(sweep.variants) or "(none)")
+        )
+    variant_settings = list(sweep.variants.get(variant, {}).items())
     data = sweep.base.model_dump(mode="json", exclude_unset=False)
     data["data"].update(
         {
@@ -469,7 +523,7 @@ def trial_experiment(
     data["model"]["num_classes"] = dataset.num_classes
     if output_dir is not None:
         data["output_dir"] = str(output_dir)
-    data = _set_paths(data, [*dataset.overrides.items(), *params.items()])
+    data = _set_paths(data, [*dataset.overrides.items(), *variant_settings, *params.items()])
     try:
         return ExperimentConfig.model_validate(data)
     except Exception as error:  # pydantic.ValidationError

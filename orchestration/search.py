@@ -4,7 +4,7 @@ The Tune config of a trial is flat: ``{"dataset": "coco", "train.schedule": "13e
 "model.center_prior.sigma_init": 1.37}``. The dataset is always a grid dimension, so every
 dataset gets the same search; ``grid`` keys expand into every combination, and the sampled
 keys (``choice``, ``uniform``, ``loguniform``, ``randint``) are drawn ``num_samples`` times per
-grid point.
+grid point. A sweep's ``variants`` are one more grid dimension, ``"variant": "fixed_prior"``.
 
 ``tpe`` (Optuna's Tree-structured Parzen Estimator) draws the sampled keys from what earlier
 trials scored, one study per dataset and grid point: see :mod:`orchestration.tpe`.
@@ -16,7 +16,7 @@ import itertools
 import math
 from typing import Any
 
-from orchestration.config import Distribution, SweepConfig
+from orchestration.config import VARIANT_KEY, Distribution, SweepConfig
 from orchestration.trial import DATASET_KEY
 
 
@@ -36,10 +36,24 @@ def tune_domain(distribution: Distribution) -> Any:
     return tune.randint(*value)
 
 
+def grid_dimensions(sweep: SweepConfig) -> dict[str, list[Any]]:
+    """The grid keys and their values: the variants (when there are any), then the search
+    space's ``grid`` keys."""
+    dimensions: dict[str, list[Any]] = {}
+    if sweep.variants:
+        dimensions[VARIANT_KEY] = list(sweep.variants)
+    for key, distribution in sweep.search_space.items():
+        if distribution.kind == "grid":
+            dimensions[key] = list(distribution.argument)
+    return dimensions
+
+
 def param_space(sweep: SweepConfig) -> dict[str, Any]:
     from ray import tune
 
     space: dict[str, Any] = {DATASET_KEY: tune.grid_search([d.name for d in sweep.datasets])}
+    if sweep.variants:
+        space[VARIANT_KEY] = tune.grid_search(list(sweep.variants))
     for key, distribution in sweep.search_space.items():
         space[key] = tune_domain(distribution)
     return space
@@ -47,24 +61,22 @@ def param_space(sweep: SweepConfig) -> dict[str, Any]:
 
 def trials_per_dataset(sweep: SweepConfig) -> int:
     """Grid points times ``num_samples``: how many trials each dataset gets."""
-    grid_points = math.prod(
-        len(d.argument) for d in sweep.search_space.values() if d.kind == "grid"
-    )
-    return grid_points * sweep.search.num_samples
+    grid_size = math.prod(len(values) for values in grid_dimensions(sweep).values())
+    return grid_size * sweep.search.num_samples
 
 
 def describe_space(sweep: SweepConfig) -> dict[str, str]:
     """Each searched key and its distribution, as text (for the plan and the parent run)."""
-    return {
-        key: f"{distribution.kind} {distribution.argument}"
-        for key, distribution in sweep.search_space.items()
-    }
+    described = {VARIANT_KEY: f"grid {list(sweep.variants)}"} if sweep.variants else {}
+    for key, distribution in sweep.search_space.items():
+        described[key] = f"{distribution.kind} {distribution.argument}"
+    return described
 
 
 def grid_points(sweep: SweepConfig) -> list[dict[str, Any]]:
-    """Every combination of the ``grid`` keys, each as a flat Tune config fragment."""
-    keys = [key for key, d in sweep.search_space.items() if d.kind == "grid"]
-    values = [list(sweep.search_space[key].argument) for key in keys]
+    """Every combination of the grid dimensions, each as a flat Tune config fragment."""
+    dimensions = grid_dimensions(sweep)
+    keys, values = list(dimensions), list(dimensions.values())
     return [dict(zip(keys, combination)) for combination in itertools.product(*values)]
 
 

@@ -179,7 +179,8 @@ def format_plan(sweep: SweepConfig, scans: dict[str, str], where: Locations) -> 
             f"  {dataset.name} ({dataset.format}, ranked by {dataset.ranking_metric}): "
             f"{per_dataset} trials; {scans[dataset.name]}"
         )
-    lines.append("search space:" if sweep.search_space else "search space: (none)")
+    searched = sweep.search_space or sweep.variants
+    lines.append("search space:" if searched else "search space: (none)")
     for key, text in describe_space(sweep).items():
         lines.append(f"  {key}: {text}")
     lines += [
@@ -247,6 +248,7 @@ def run_sweep(
     import ray
 
     from orchestration.leaderboard import build_leaderboard, format_leaderboard
+    from orchestration.search import describe_space
     from orchestration.tracking import Tracker, redact
 
     where = resolve_locations(sweep)
@@ -277,7 +279,7 @@ def run_sweep(
         "trials": (manifest or {}).get("trials", {}),
     }
     write_manifest(sweep, manifest)
-    tracker.publish_runs_view(runs_view_metrics(sweep), list(sweep.search_space))
+    tracker.publish_runs_view(runs_view_metrics(sweep), list(describe_space(sweep)))
     url = tracker.runs_table_url(sweep.tracking.ui_url, with_view=True)
     print(f"sweep {sweep_id}: MLflow parent run {parent_run_id}")
     print(f"MLflow runs table: {url or ui_hint(where, tracker)}")
@@ -506,6 +508,7 @@ def _log_parent(tracker: Any, run_id: str, sweep: SweepConfig, config_path: Path
     from orchestration.search import describe_space, trials_per_dataset
 
     params = {f"search_space.{k}": v for k, v in describe_space(sweep).items()}
+    params.update({f"variants.{name}": json.dumps(v) for name, v in sweep.variants.items()})
     params.update(
         {
             "search.algorithm": sweep.search.algorithm,

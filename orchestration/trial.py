@@ -54,7 +54,7 @@ def trial_label(dataset: str, params: dict[str, Any]) -> str:
     for key, value in params.items():
         field = key.rsplit(".", 1)[-1]
         shown = _short(value)
-        if field == "schedule":
+        if field in ("schedule", "variant"):
             parts.append(shown)
         else:
             parts.append(f"{field.removesuffix('_init')}={shown}")

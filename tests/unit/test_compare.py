@@ -139,3 +139,69 @@ def test_names_that_do_not_exist_exit_2_listing_what_does(store, capsys):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "experiment 'nope' not found" in result.stderr and "cmp" in result.stderr
+
+
+# (variant, seed, bbox_mAP, AP/ring, AP/disc, AP/square)
+ABLATION = [
+    ("full", 0, 0.60, 0.50, 0.70, 0.60),
+    ("full", 1, 0.64, 0.56, 0.72, 0.64),
+    ("fixed_prior", 0, 0.50, 0.30, 0.66, 0.54),
+    ("fixed_prior", 1, 0.56, 0.40, 0.70, 0.58),
+]
+
+
+@pytest.fixture(scope="module")
+def ablation_store(tmp_path_factory) -> str:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('ablation') / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("abl")
+    for variant, seed, ap, ring, disc, square in ABLATION:
+        run = client.create_run(
+            experiment,
+            tags={TAG_KIND: "trial", TAG_SWEEP_ID: "abl-1", TAG_DATASET: "shapes",
+                  TAG_FORMAT: "coco", TAG_METRIC: "bbox_mAP"},
+        )  # fmt: skip
+        client.log_param(run.info.run_id, "search.variant", variant)
+        client.log_param(run.info.run_id, "search.seed", seed)
+        metrics = {"bbox_mAP": ap, "AP/ring": ring, "AP/disc": disc, "AP/square": square}
+        for name, value in metrics.items():
+            client.log_metric(run.info.run_id, name, value, step=5)
+        client.set_terminated(run.info.run_id, "FINISHED")
+    return uri
+
+
+def test_by_variant_gives_the_spread_over_seeds_and_the_class_split(ablation_store, capsys):
+    code = main(["abl", "--tracking-uri", ablation_store, "--by", "variant", "--classes",
+                 "ring", "--format", "json"])  # fmt: skip
+    out, _ = capsys.readouterr()
+    assert code == 0
+    rows = {r["variant"]: r for r in json.loads(out)}
+    assert list(rows) == ["fixed_prior", "full"]
+    full = rows["full"]
+    assert (full["trials"], full["mean"], full["min"], full["best"]) == pytest.approx(
+        (2, 0.62, 0.60, 0.64)
+    )
+    assert full["sd"] == pytest.approx(0.02 * 2**0.5)  # sample sd of 0.60 and 0.64
+    # Named: ring alone; others: the mean of disc and square per trial, then over seeds.
+    assert full["classes"]["named_mean"] == pytest.approx(0.53)
+    assert full["classes"]["others_mean"] == pytest.approx((0.65 + 0.68) / 2)
+    assert rows["fixed_prior"]["classes"]["named_mean"] == pytest.approx(0.35)
+    assert rows["fixed_prior"]["classes"]["named_sd"] == pytest.approx(0.05 * 2**0.5)
+
+    code = main(["abl", "--tracking-uri", ablation_store, "--by", "variant", "--classes",
+                 "ring", "--format", "csv"])  # fmt: skip
+    out, _ = capsys.readouterr()
+    table = {r["variant"]: r for r in csv.DictReader(io.StringIO(out))}
+    assert table["full"]["mean"] == "0.6200" and table["full"]["named AP"] == "0.5300"
+    assert table["fixed_prior"]["other AP"] == "0.6200"  # (0.60 + 0.64) / 2
+
+
+def test_a_class_split_naming_an_unknown_class_lists_the_classes(ablation_store, capsys):
+    code = main(["abl", "--tracking-uri", ablation_store, "--by", "variant", "--classes", "star"])
+    _, err = capsys.readouterr()
+    assert code == 2 and "no AP for star" in err and "disc, ring, square" in err
+    code = main(["abl", "--tracking-uri", ablation_store, "--classes", "ring"])
+    _, err = capsys.readouterr()
+    assert code == 2 and "--classes goes with --by" in err

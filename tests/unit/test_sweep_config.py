@@ -447,3 +447,61 @@ def test_relative_roots_become_absolute_before_they_reach_workers(tmp_path, monk
     make_paths_absolute(sweep)
     experiment = trial_experiment(sweep, sweep.datasets[0], {})
     assert experiment.data.root == tmp_path / "data" / "coco"
+
+
+VARIANTS = (
+    GOOD
+    + """\
+variants:
+  full: {}
+  no_confidence: {model.loss.confidence_weighting: false}
+  uniform_prior: {model.center_prior.kind: uniform, model.center_prior.force_topk: 9}
+search_space:
+  seed: {grid: [0, 1, 2]}
+"""
+)
+
+
+def test_variants_are_one_more_grid_dimension(tmp_path):
+    from orchestration.search import describe_space, grid_points, trials_per_dataset
+
+    (tmp_path / "s.yaml").write_text(VARIANTS)
+    sweep = load_sweep_config(tmp_path / "s.yaml")
+    assert trials_per_dataset(sweep) == 9
+    points = grid_points(sweep)
+    assert points[:4] == [
+        {"variant": "full", "seed": 0},
+        {"variant": "full", "seed": 1},
+        {"variant": "full", "seed": 2},
+        {"variant": "no_confidence", "seed": 0},
+    ]
+    assert describe_space(sweep)["variant"] == "grid ['full', 'no_confidence', 'uniform_prior']"
+    coco = sweep.datasets[0]
+    full = trial_experiment(sweep, coco, {"variant": "full", "seed": 2})
+    assert full.seed == 2 and full.model.loss.confidence_weighting
+    assert full.model.center_prior.kind == "gaussian" and full.model.center_prior.force_topk == 0
+    uniform = trial_experiment(sweep, coco, {"variant": "uniform_prior", "seed": 0})
+    assert uniform.model.center_prior.kind == "uniform"
+    assert uniform.model.center_prior.force_topk == 9
+    no_conf = trial_experiment(sweep, coco, {"variant": "no_confidence", "seed": 1})
+    assert not no_conf.model.loss.confidence_weighting
+
+
+@pytest.mark.parametrize(
+    ("variants", "expected"),
+    [
+        ("  a: {model.center_prior.learnabel: false}\n", "variants.a.model.center_prior.learnabel"),
+        ("  a: {model.center_prior.kind: triangle}\n", "variants.a: model.center_prior.kind"),
+        ("  a: {model.num_classes: 3}\n", "variants.a.model.num_classes: set by the sweep"),
+        ("  a: {seed: 4}\n", "variants.a.seed: also in search_space"),
+        ("  a b: {}\n", "variant names are letters"),
+    ],
+)
+def test_bad_variants_name_the_variant_and_field(tmp_path, variants, expected):
+    (tmp_path / "s.yaml").write_text(
+        GOOD + "search_space:\n  seed: {grid: [0, 1]}\nvariants:\n" + variants
+    )
+    result = sweep_cli("s.yaml", "--dry-run", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert expected in result.stderr
