@@ -180,7 +180,7 @@ def by_parameter(
     standard deviation, min and max over them (the spread over seeds, in a seeded sweep).
 
     With ``classes``, two more statistics: the mean per-class AP (``AP/<class>``) of the
-    named classes, and of the dataset's other classes, each averaged over the trials.
+    named classes the dataset has, and of its other classes, each averaged over the trials.
     """
     searched = sorted({k for s in summaries for t in s.trials for k in t.params})
     if param not in searched:
@@ -219,15 +219,15 @@ def _spread(values: list[float], prefix: str = "") -> dict[str, Any]:
 
 
 def _class_split(summary: DatasetSummary, classes: Sequence[str]) -> tuple[list[str], list[str]]:
-    """The ``AP/<class>`` metric names of ``classes`` and of the dataset's other classes."""
+    """The ``AP/<class>`` metric names of those ``classes`` the dataset reports, and of its
+    other classes (datasets name classes their own way: one list can serve several)."""
     reported = sorted({k for t in summary.trials for k in t.metrics if k.startswith("AP/")})
-    named = [f"AP/{name}" for name in classes]
-    missing = [name for name, key in zip(classes, named) if key not in reported]
-    if missing:
+    named = [key for key in (f"AP/{name}" for name in classes) if key in reported]
+    if not named:
         have = ", ".join(key[3:] for key in reported) or "(no per-class AP)"
         raise CompareError(
-            f"--classes: dataset {summary.dataset!r} reports no AP for {', '.join(missing)}; "
-            f"its classes are: {have}"
+            f"--classes: dataset {summary.dataset!r} reports no AP for any of "
+            f"{', '.join(classes)}; its classes are: {have}"
         )
     return named, [key for key in reported if key not in named]
 
