@@ -172,7 +172,7 @@ def parse_coco_json(
     images = _list_field(data, "images", annotation_file)
     annotations = _list_field(data, "annotations", annotation_file, required=False)
 
-    class_names_by_id = _parse_categories(categories, annotation_file, log)
+    class_names_by_id = parse_categories(categories, annotation_file, log)
     category_ids = sorted(class_names_by_id)
     label_of = {category_id: label for label, category_id in enumerate(category_ids)}
 
@@ -342,7 +342,7 @@ def _valid_bbox(bbox: Any) -> bool:
     return all(_finite_number(v) for v in bbox)
 
 
-def _parse_categories(categories: list, file: Path, log: ProblemLog) -> dict[int, str]:
+def parse_categories(categories: list, file: Path, log: ProblemLog) -> dict[int, str]:
     """Category id -> name (stripped: Objects365 names carry trailing spaces)."""
     names: dict[int, str] = {}
     for index, category in enumerate(categories):

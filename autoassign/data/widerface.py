@@ -12,6 +12,11 @@ face. The attribute columns are in the official order above (torchvision's reade
 mapped them wrongly). Faces with ``invalid=1`` or zero width or height are ignore regions;
 all six attributes are kept per face in ``ImageRecord.attributes``. Image sizes come from
 the image headers (the gt file has none).
+
+The test split has no ground truth: its ``wider_face_test_filelist.txt`` lists one image path
+a line. A file whose lines all name images is read as such a list, giving records without
+faces (for prediction), and :func:`default_paths` gives it for a split that has a list but
+no gt file.
 """
 
 from __future__ import annotations
@@ -40,11 +45,13 @@ _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 def default_paths(root: Path, split: str) -> tuple[Path, Path]:
-    """``(gt_file, image_dir)`` of a split in the official layout."""
-    return (
-        root / "wider_face_split" / f"wider_face_{split}_bbx_gt.txt",
-        root / f"WIDER_{split}" / "images",
-    )
+    """``(gt_file, image_dir)`` of a split in the official layout; for a split with no gt
+    file but a file list (the test split), the list."""
+    gt_file = root / "wider_face_split" / f"wider_face_{split}_bbx_gt.txt"
+    file_list = root / "wider_face_split" / f"wider_face_{split}_filelist.txt"
+    if not gt_file.exists() and file_list.exists():
+        gt_file = file_list
+    return gt_file, root / f"WIDER_{split}" / "images"
 
 
 def read_widerface(
@@ -54,7 +61,9 @@ def read_widerface(
     split: str = "",
     problems: ProblemLog | None = None,
 ) -> DetectionDataset:
-    """Read a WiderFace gt file; image sizes are read from the image headers.
+    """Read a WiderFace gt file, or a file list (every line an image path: the test split's
+    ``wider_face_test_filelist.txt``, whose images get no faces); image sizes are read from
+    the image headers.
 
     Returns:
         Records with ``image_id`` the image's 0-based position in the gt file and
@@ -77,7 +86,12 @@ def read_widerface(
 
     records: list[ImageRecord] = []
     face_lines: list[int] = []  # gt line of every face of ``records``, for the messages
-    for file_name, line_number, faces, lines_of_faces in _entries(lines, annotation_file, log):
+    entries = (
+        _list_entries(lines, annotation_file, log)
+        if is_file_list(lines)
+        else _entries(lines, annotation_file, log)
+    )
+    for file_name, line_number, faces, lines_of_faces in entries:
         size = check_image(image_dir / file_name, None, log, annotation_file, f"line {line_number}")
         if size is None:
             continue
@@ -96,6 +110,32 @@ def read_widerface(
 
 def _is_image_line(line: str) -> bool:
     return line.strip().lower().endswith(_IMAGE_SUFFIXES)
+
+
+def is_file_list(lines: list[str]) -> bool:
+    """True when every non-empty line names an image (a file list, not a gt file: a gt file
+    has a face count after each image line)."""
+    named = [line for line in lines if line.strip()]
+    return bool(named) and all(_is_image_line(line) for line in named)
+
+
+def _list_entries(lines: list[str], file: Path, log: ProblemLog):
+    """Like :func:`_entries` for a file list: each image once, with no faces."""
+    seen: dict[str, int] = {}
+    for number, line in enumerate(lines, start=1):
+        name = line.strip()
+        if not name:
+            continue
+        if name in seen:
+            log.error(
+                DUPLICATE_ID,
+                file,
+                f"line {number}",
+                f"image {name} already listed on line {seen[name]}",
+            )
+            continue
+        seen[name] = number
+        yield name, number, np.zeros((0, 10), dtype=np.int64), []
 
 
 def _entries(lines: list[str], file: Path, log: ProblemLog):
