@@ -21,7 +21,8 @@ Written to ``--out`` (default ``predictions``), by ``--format``:
   ``python -m autoassign.eval`` reads.
 - ``coco-results``: ``coco_results.json``, the COCO results list the COCO and Objects365
   servers take (and ``python -m autoassign.eval`` reads), with the image and category ids of
-  ``--annotations`` (the dataset's json; for COCO test-dev its ``image_info`` json).
+  ``--annotations`` (the dataset's json; for COCO test-dev its ``image_info`` json). Images
+  it does not list are not run (a note says how many).
 - ``widerface``: ``widerface/<event>/<image>.txt``, the official layout; needs names with
   their event folder (``--root WIDER_test/images``).
 - ``voc``: ``voc/comp4_det_<split>_<class>.txt``, the devkit's files (``--split``, default
@@ -225,7 +226,15 @@ def run(args: argparse.Namespace) -> Path:
     names = [image_name(path, args.root) for path in images]
     predictor = Predictor(resolve_checkpoint(args.checkpoint), device=args.device)
     # Every check of names and ids runs before the model sees the first image.
-    write = submission_writer(args, names, predictor)
+    write, unlisted = submission_writer(args, names, predictor)
+    if unlisted:
+        print(
+            f"note: {args.annotations} does not list {len(unlisted)} of the images (first: "
+            f"{', '.join(unlisted[:3])}); they are not run"
+        )
+        skipped = set(unlisted)
+        kept = [(path, name) for path, name in zip(images, names) if name not in skipped]
+        images, names = [path for path, _ in kept], [name for _, name in kept]
     predictions = []
     for path, name in zip(images, names):
         output = predictor(path)
@@ -253,9 +262,11 @@ def run(args: argparse.Namespace) -> Path:
 
 def submission_writer(
     args: argparse.Namespace, names: list[str], predictor: Predictor
-) -> Callable[[list[dict]], Path]:
+) -> tuple[Callable[[list[dict]], Path], list[str]]:
     """The writer of ``args.format`` for these image names, checked now (a name the format
-    cannot take raises :class:`~autoassign.submission.SubmissionError` before any prediction).
+    cannot take raises :class:`~autoassign.submission.SubmissionError` before any prediction),
+    and the names it has no place for (``coco-results``: images ``--annotations`` does not
+    list, such as COCO test2017 images outside test-dev), which are not to be run.
 
     The writer takes one ``{"file_name", "boxes", "scores", "labels"}`` dict per image and
     returns what it wrote under ``args.out``.
@@ -267,6 +278,7 @@ def submission_writer(
 
     class_names = predictor.class_names
     out: Path = args.out
+    unlisted: list[str] = []
 
     def store(predictions: list[dict]) -> dict:
         return {
@@ -276,6 +288,7 @@ def submission_writer(
 
     if args.format == "coco-results":
         ids = coco_results.read_coco_ids(args.annotations, names, len(class_names))
+        unlisted = ids.unlisted
 
         def write(predictions: list[dict]) -> Path:
             path = out / "coco_results.json"
@@ -317,7 +330,7 @@ def submission_writer(
             print(f"wrote {path} ({len(predictions)} images)")
             return path
 
-    return write
+    return write, unlisted
 
 
 def main(argv: Sequence[str] | None = None) -> int:

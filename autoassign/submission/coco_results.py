@@ -35,6 +35,9 @@ class CocoIds:
     """Image name (as ``autoassign.predict`` names it) -> the json's image id."""
     category_ids: list[int]
     """Label -> the json's category id."""
+    unlisted: list[str]
+    """The names the json does not list (COCO's test2017 folder holds more images than
+    test-dev's image-info json): they get no results."""
 
 
 def read_coco_ids(annotation_file: str | Path, image_names: list[str], num_classes: int) -> CocoIds:
@@ -42,12 +45,13 @@ def read_coco_ids(annotation_file: str | Path, image_names: list[str], num_class
 
     A name matches the json image whose ``file_name`` is the name or ends with ``/`` and the
     name: Objects365 v2 lists ``images/v2/patch8/NAME.jpg``, found by ``patch8/NAME.jpg`` (a
-    name relative to the split's image folder) or by ``NAME.jpg``.
+    name relative to the split's image folder) or by ``NAME.jpg``. Names the json does not
+    list are returned in :attr:`CocoIds.unlisted`.
 
     Raises:
         DatasetError: the json is missing or malformed (file, line or entry named).
-        SubmissionError: a name the json does not list, or lists twice; a category count
-            different from ``num_classes``.
+        SubmissionError: the json lists none of the names, or one name twice; its category
+            count differs from ``num_classes``.
     """
     annotation_file = Path(annotation_file)
     data = load_json(annotation_file)
@@ -76,6 +80,7 @@ def read_coco_ids(annotation_file: str | Path, image_names: list[str], num_class
         by_base_name.setdefault(PurePosixPath(file_name).name, []).append((file_name, image["id"]))
 
     image_ids: dict[str, int | str] = {}
+    unlisted: list[str] = []
     for name in image_names:
         candidates = by_base_name.get(PurePosixPath(name).name, [])
         found = [
@@ -84,10 +89,8 @@ def read_coco_ids(annotation_file: str | Path, image_names: list[str], num_class
             if file_name == name or file_name.endswith("/" + name)
         ]
         if not found:
-            raise SubmissionError(
-                f"{annotation_file}: lists no image named {name!r} (names are relative to "
-                "--root, or base names without it)"
-            )
+            unlisted.append(name)
+            continue
         if len(found) > 1:
             raise SubmissionError(
                 f"{annotation_file}: {len(found)} images match {name!r} (ids "
@@ -95,7 +98,12 @@ def read_coco_ids(annotation_file: str | Path, image_names: list[str], num_class
                 "(--root)"
             )
         image_ids[name] = found[0]
-    return CocoIds(image_ids=image_ids, category_ids=category_ids)
+    if image_names and not image_ids:
+        raise SubmissionError(
+            f"{annotation_file}: lists none of the {len(image_names)} images (the first is "
+            f"named {image_names[0]!r}; names are relative to --root, or base names without it)"
+        )
+    return CocoIds(image_ids=image_ids, category_ids=category_ids, unlisted=unlisted)
 
 
 def write_coco_results(path: str | Path, store: PredictionStore, ids: CocoIds) -> int:

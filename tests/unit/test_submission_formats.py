@@ -156,13 +156,38 @@ def test_coco_results_matches_objects365_v2_names_by_their_last_parts(trained, t
         assert {r["image_id"] for r in results} == {gt["images"][0]["id"], gt["images"][1]["id"]}
 
 
+def test_coco_results_leave_out_images_the_json_does_not_list(trained, tmp_path, capsys):
+    """As COCO's test2017 folder holds more images than test-dev's image-info json."""
+    root, checkpoint, _ = trained
+    subset = json.loads((root / "annotations" / "instances_val.json").read_text())
+    del subset["annotations"]
+    listed, unlisted = subset["images"][:3], subset["images"][3:]
+    subset["images"] = listed
+    (tmp_path / "image_info.json").write_text(json.dumps(subset))
+    status, out, err = _predict(capsys, checkpoint, root / "val", "--out", tmp_path,
+                                "--format", "coco-results",
+                                "--annotations", tmp_path / "image_info.json")  # fmt: skip
+    assert status == 0, err
+    assert f"does not list 1 of the images (first: {unlisted[0]['file_name']})" in out
+    assert f"{unlisted[0]['file_name']}: " not in out  # not run ("NAME: K detections")
+    assert f"{listed[0]['file_name']}: " in out
+    results = json.loads((tmp_path / "coco_results.json").read_text())
+    assert {r["image_id"] for r in results} == {image["id"] for image in listed}
+
+
 def test_coco_results_refuses_what_the_json_cannot_name(trained, tmp_path, capsys):
     root, checkpoint, _ = trained
     annotations = root / "annotations" / "instances_val.json"
-    status, _, err = _predict(capsys, checkpoint, root / "train", "--out", tmp_path,
-                              "--format", "coco-results", "--annotations", annotations)  # fmt: skip
+    # Named train/NAME.jpg, the train images are none of the val json's NAME.jpg.
+    status, _, err = _predict(capsys, checkpoint, root / "train", "--root", root,
+                              "--out", tmp_path, "--format", "coco-results",
+                              "--annotations", annotations)  # fmt: skip
     assert status == 2 and "Traceback" not in err
-    assert re.search(r"instances_val.json: lists no image named '\d+\.jpg'", err), err
+    assert re.search(
+        r"instances_val.json: lists none of the 8 images \(the first is named "
+        r"'train/\d+\.jpg'",
+        err,
+    ), err
 
     two_classes = json.loads(annotations.read_text())
     two_classes["categories"] = two_classes["categories"][:2]
