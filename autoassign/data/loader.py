@@ -64,7 +64,7 @@ class Batch:
             of the size divisor.
         image_sizes: ``(h, w)`` of each image after resize, before padding.
         targets: per image, ``"boxes"`` ``[N, 4]`` float32 xyxy in resized (and flipped)
-            pixels, ``"labels"`` ``[N]`` int64, ``"ignore_boxes"`` ``[M, 4]`` float32.
+            pixels, ``"labels"`` ``[N]`` int64.
         indices: index of each image in ``DetectionDataset.records``.
         original_sizes: ``(h, w)`` of the original images.
         flipped: whether each image was mirrored left-right.

@@ -36,8 +36,8 @@ class Sample:
 
     Attributes:
         image: ``[3, H, W]`` uint8 RGB after resize (and flip).
-        target: ``"boxes"`` ``[N, 4]`` float32 xyxy in ``image`` pixels, ``"labels"`` ``[N]``
-            int64, ``"ignore_boxes"`` ``[M, 4]`` float32 (regions that are never targets).
+        target: ``"boxes"`` ``[N, 4]`` float32 xyxy in ``image`` pixels and ``"labels"`` ``[N]``
+            int64; boxes flagged ``ignore`` (crowds) are never targets and are not kept.
         index: the record's index in ``DetectionDataset.records``.
         original_size: ``(h, w)`` of the decoded file.
         flipped: whether the image (and its boxes) were mirrored left-right.
@@ -187,9 +187,9 @@ def train_sample(
 ) -> Sample:
     """Decode, resize, optionally flip, and build the training targets of one record.
 
-    Boxes flagged ``ignore`` go to ``"ignore_boxes"``, never to ``"boxes"``. Both sets are
-    clipped to the resized image, then boxes with a side under :data:`MIN_BOX_SIDE` pixels
-    are dropped.
+    Boxes flagged ``ignore`` are left out (the loss has no ignore regions, as in the
+    reference). The others are clipped to the resized image, then boxes with a side under
+    :data:`MIN_BOX_SIDE` pixels are dropped.
     """
     image = load_record_image(record)
     original_size = (int(image.shape[-2]), int(image.shape[-1]))
@@ -203,11 +203,7 @@ def train_sample(
         boxes = hflip_boxes(boxes, width)
     boxes = clip_boxes(boxes, height, width)
     keep = non_degenerate(boxes)
-    target = {
-        "boxes": boxes[keep & ~ignore],
-        "labels": labels[keep & ~ignore],
-        "ignore_boxes": boxes[keep & ignore],
-    }
+    target = {"boxes": boxes[keep & ~ignore], "labels": labels[keep & ~ignore]}
     return Sample(image, target, index, original_size, flip)
 
 
@@ -222,7 +218,7 @@ def eval_sample(record: ImageRecord, index: int, *, min_size: int, max_size: int
     image, (scale_y, scale_x) = resize_image(image, min_size, max_size)
     boxes, labels, ignore = record_boxes(record)
     boxes = scale_boxes(boxes, scale_y, scale_x)
-    target = {"boxes": boxes[~ignore], "labels": labels[~ignore], "ignore_boxes": boxes[ignore]}
+    target = {"boxes": boxes[~ignore], "labels": labels[~ignore]}
     return Sample(image, target, index, original_size, flipped=False)
 
 

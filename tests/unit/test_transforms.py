@@ -187,7 +187,7 @@ def landscape_record(tmp_path) -> ImageRecord:
     )
 
 
-def test_train_targets_scaled_clipped_degenerate_dropped_ignore_separated(landscape_record):
+def test_train_targets_scaled_clipped_degenerate_and_ignored_dropped(landscape_record):
     sample = train_sample(landscape_record, 7, min_size=32, max_size=1000, flip=False)
 
     assert sample.image.shape == (3, 32, 43)
@@ -200,8 +200,7 @@ def test_train_targets_scaled_clipped_degenerate_dropped_ignore_separated(landsc
     assert sample.target["boxes"].dtype == torch.float32
     assert sample.target["labels"].tolist() == [3, 1]
     assert sample.target["labels"].dtype == torch.int64
-    expected_ignore = torch.tensor([[0.0, 0.0, 10.75, 8.0]])
-    torch.testing.assert_close(sample.target["ignore_boxes"], expected_ignore)
+    assert set(sample.target) == {"boxes", "labels"}  # the ignored box 4 is in neither
 
 
 def test_train_flip_mirrors_image_and_boxes(landscape_record):
@@ -214,9 +213,6 @@ def test_train_flip_mirrors_image_and_boxes(landscape_record):
     expected_boxes = torch.tensor([[16.125, 4.0, 37.625, 20.0], [0.0, 80 / 3, 2.6875, 32.0]])
     torch.testing.assert_close(flipped.target["boxes"], expected_boxes)
     assert flipped.target["labels"].tolist() == [3, 1]
-    torch.testing.assert_close(
-        flipped.target["ignore_boxes"], torch.tensor([[32.25, 0.0, 43.0, 8.0]])
-    )
 
 
 def test_image_without_boxes_gives_empty_float_targets(tmp_path):
@@ -229,7 +225,6 @@ def test_image_without_boxes_gives_empty_float_targets(tmp_path):
     assert sample.target["boxes"].shape == (0, 4)
     assert sample.target["boxes"].dtype == torch.float32
     assert sample.target["labels"].shape == (0,)
-    assert sample.target["ignore_boxes"].shape == (0, 4)
 
 
 def test_eval_sample_keeps_boxes_unclipped_and_never_flips(landscape_record):
@@ -242,6 +237,4 @@ def test_eval_sample_keeps_boxes_unclipped_and_never_flips(landscape_record):
         + [[64 * sx, 10 * sy, 70 * sx, 20 * sy]]
     )
     torch.testing.assert_close(sample.target["boxes"], expected)
-    assert sample.target["labels"].tolist() == [3, 1, 2]
-    expected_ignore = torch.tensor([[0.0, 0.0, 10.75, 8.0]])
-    torch.testing.assert_close(sample.target["ignore_boxes"], expected_ignore)
+    assert sample.target["labels"].tolist() == [3, 1, 2]  # the ignored box 4 is left out
