@@ -41,6 +41,8 @@ def project(sweep_runner, mlflow_server, s3_server, tmp_path_factory) -> Path:
         epochs=1,
     )
     config["tracking"]["register_models"] = False
+    # One variant: its overrides and its name reach the trial (and add no trial).
+    config["variants"] = {"no_confidence": {"model.loss.confidence_weighting": False}}
     (root / "configs" / "job_sweep.yaml").write_text(yaml.safe_dump(config))
     return root
 
@@ -98,6 +100,10 @@ def test_a_submitted_sweep_job_succeeds_with_its_mlflow_runs(project, ray_cluste
     kinds = sorted(run.data.tags.get("autoassign.kind") for run in runs)
     assert kinds == ["sweep", "trial"]
     assert all(run.info.status == "FINISHED" for run in runs)
+    (trial,) = [run for run in runs if run.data.tags.get("autoassign.kind") == "trial"]
+    assert trial.data.params["search.variant"] == "no_confidence"
+    assert trial.data.params["model.loss.confidence_weighting"] == "False"
+    assert trial.info.run_name == "job-shapes·no_confidence"
 
     unknown = jobs(ray_cluster, "status", "no-such-job", *address)
     assert unknown.returncode == 2 and "no job 'no-such-job' on this cluster" in unknown.stderr
