@@ -21,7 +21,7 @@ import math
 import os
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -335,15 +335,45 @@ def default_tracking_uri(experiment: str) -> str | None:
     return f"sqlite:///{local.resolve()}" if local.is_file() else None
 
 
+def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments that name a sweep's trials: the experiment, its store, the sweep id."""
+    parser.add_argument("experiment", help="MLflow experiment (a sweep's name by default)")
+    parser.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else the "
+                        "sweep's SQLite file runs/<experiment>/mlflow.db")  # fmt: skip
+    parser.add_argument("--sweep", help="only this sweep id (default: every trial)")
+
+
+def tracking_client(args: argparse.Namespace) -> tuple[Any, str]:
+    """An MlflowClient of the store :func:`add_experiment_arguments` names, and its URI."""
+    from mlflow.tracking import MlflowClient
+
+    uri = args.tracking_uri or default_tracking_uri(args.experiment)
+    if uri is None:
+        raise CompareError(
+            "no tracking store: pass --tracking-uri or set MLFLOW_TRACKING_URI (no "
+            f"runs/{args.experiment}/mlflow.db here)"
+        )
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        raise CompareError(f"--tracking-uri {uri}: no such SQLite file")
+    return MlflowClient(uri), uri
+
+
+def run_report(report: Callable[[argparse.Namespace], str], args: argparse.Namespace) -> int:
+    """Print ``report(args)``; exit status 0, or 2 with the message of a CompareError."""
+    try:
+        sys.stdout.write(report(args))
+    except CompareError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m orchestration.compare",
         description="The best trial per dataset of a sweep's MLflow experiment.",
     )
-    parser.add_argument("experiment", help="MLflow experiment (a sweep's name by default)")
-    parser.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else the "
-                        "sweep's SQLite file runs/<experiment>/mlflow.db")  # fmt: skip
-    parser.add_argument("--sweep", help="only this sweep id (default: every trial)")
+    add_experiment_arguments(parser)
     parser.add_argument("--metric", help="rank every dataset by this metric instead")
     parser.add_argument("--by", metavar="PARAM", help="a searched parameter's effect instead "
                         "(mean ± sd, min and max of the metric per value; variant for a "
@@ -355,17 +385,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def compare(args: argparse.Namespace) -> str:
-    from mlflow.tracking import MlflowClient
-
-    uri = args.tracking_uri or default_tracking_uri(args.experiment)
-    if uri is None:
-        raise CompareError(
-            "no tracking store: pass --tracking-uri or set MLFLOW_TRACKING_URI (no "
-            f"runs/{args.experiment}/mlflow.db here)"
-        )
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
-        raise CompareError(f"--tracking-uri {uri}: no such SQLite file")
-    client = MlflowClient(uri)
+    client, uri = tracking_client(args)
     experiment_id, summaries = load_trials(client, args.experiment, sweep_id=args.sweep)
     summaries = with_metric(summaries, args.metric)
     if args.classes and not args.by:
@@ -384,13 +404,7 @@ def compare(args: argparse.Namespace) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        sys.stdout.write(compare(args))
-    except CompareError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_report(compare, parse_args(argv))
 
 
 if __name__ == "__main__":

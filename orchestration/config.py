@@ -422,18 +422,26 @@ def _leaves(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return leaves
 
 
+def check_experiment_key(key: str, *, where: str, owned: str) -> None:
+    """``key`` names an ExperimentConfig field that the sweep does not set itself; the
+    ConfigError starts with ``where`` and says ``owned`` for a field the sweep sets."""
+    try:
+        check_field_path(ExperimentConfig, key)
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from None
+    if key in SWEEP_OWNED_FIELDS:
+        raise ConfigError(f"{where}: {owned}")
+
+
 def check_dataset_overrides(dataset: DatasetConfig, *, source: str) -> None:
     """Each override names an ExperimentConfig field the sweep does not set itself."""
     for key in dataset.overrides:
-        try:
-            check_field_path(ExperimentConfig, key)
-        except ConfigError as error:
-            raise ConfigError(f"{source}.{key}: {error}") from None
-        if key in SWEEP_OWNED_FIELDS:
-            raise ConfigError(
-                f"{source}.{key}: set by the sweep from the dataset entry (format, root, "
-                "splits, num_classes) and its own folders, not by an override"
-            )
+        check_experiment_key(
+            key,
+            where=f"{source}.{key}",
+            owned="set by the sweep from the dataset entry (format, root, splits, num_classes) "
+            "and its own folders, not by an override",
+        )
 
 
 def check_search_space(sweep: SweepConfig, *, source: str) -> None:
@@ -446,15 +454,12 @@ def check_search_space(sweep: SweepConfig, *, source: str) -> None:
         )
     for key, distribution in sweep.search_space.items():
         where = f"{source}: search_space.{key}"
-        try:
-            check_field_path(ExperimentConfig, key)
-        except ConfigError as error:
-            raise ConfigError(f"{where}: {error}") from None
-        if key in SWEEP_OWNED_FIELDS:
-            raise ConfigError(
-                f"{where}: the dataset, class count, output folder and device are set by the "
-                "sweep, not searched (list datasets under datasets:)"
-            )
+        check_experiment_key(
+            key,
+            where=where,
+            owned="the dataset, class count, output folder and device are set by the sweep, "
+            "not searched (list datasets under datasets:)",
+        )
         for dataset in sweep.datasets:
             for value in distribution.representative_values():
                 trial_experiment(sweep, dataset, {key: value}, source=where, value_note=value)
@@ -468,12 +473,9 @@ def check_variants(sweep: SweepConfig, *, source: str) -> None:
     for name, settings in sweep.variants.items():
         where = f"{source}: variants.{name}"
         for key in settings:
-            try:
-                check_field_path(ExperimentConfig, key)
-            except ConfigError as error:
-                raise ConfigError(f"{where}.{key}: {error}") from None
-            if key in SWEEP_OWNED_FIELDS:
-                raise ConfigError(f"{where}.{key}: set by the sweep, not by a variant")
+            check_experiment_key(
+                key, where=f"{where}.{key}", owned="set by the sweep, not by a variant"
+            )
             if key in sweep.search_space:
                 raise ConfigError(
                     f"{where}.{key}: also in search_space; a trial's value would be ambiguous"

@@ -30,10 +30,12 @@ from orchestration.compare import (
     FORMATS,
     CompareError,
     DatasetSummary,
-    default_tracking_uri,
+    add_experiment_arguments,
     load_trials,
     natural_order,
     render,
+    run_report,
+    tracking_client,
 )
 
 MASS_MASK_SIZE = 200
@@ -148,10 +150,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m orchestration.prior_shift",
         description="The learned center prior of each trial of a sweep, per class and seed.",
     )
-    parser.add_argument("experiment", help="MLflow experiment (a sweep's name by default)")
-    parser.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else the "
-                        "sweep's SQLite file runs/<experiment>/mlflow.db")  # fmt: skip
-    parser.add_argument("--sweep", help="only this sweep id (default: every trial)")
+    add_experiment_arguments(parser)
     parser.add_argument("--by", metavar="PARAM", help="group trials by this searched parameter "
                         "(e.g. variant)")  # fmt: skip
     parser.add_argument("--seed-param", default="seed", help="the parameter that tells seeds "
@@ -164,15 +163,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def prior_shift(args: argparse.Namespace) -> str:
-    from mlflow.tracking import MlflowClient
-
-    uri = args.tracking_uri or default_tracking_uri(args.experiment)
-    if uri is None:
-        raise CompareError(
-            "no tracking store: pass --tracking-uri or set MLFLOW_TRACKING_URI (no "
-            f"runs/{args.experiment}/mlflow.db here)"
-        )
-    client = MlflowClient(uri)
+    client, _ = tracking_client(args)
     _, summaries = load_trials(client, args.experiment, sweep_id=args.sweep)
     if args.dataset:
         known = [s.dataset for s in summaries]
@@ -199,13 +190,7 @@ def prior_shift(args: argparse.Namespace) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        sys.stdout.write(prior_shift(args))
-    except CompareError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_report(prior_shift, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,12 @@ class SweepError(AutoAssignError):
     """The sweep ran but did not give a usable result (every trial of a dataset failed)."""
 
 
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGUSR1) stopped the sweep: Ray Tune catches the signal, saves its state
+    and returns, leaving unfinished trials; the sweep is then recorded as interrupted, not
+    finished, so that ``--resume`` continues it."""
+
+
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
@@ -287,6 +293,15 @@ def run_sweep(
     _init_ray(where)
     try:
         results = _fit(sweep, where, sweep_id, parent_run_id, tracker, resuming)
+        unfinished = len(results) - results.num_terminated - results.num_errors
+        if unfinished:
+            print(
+                f"sweep {sweep_id} interrupted with {unfinished} of {len(results)} trials "
+                f"unfinished; continue it with: python -m orchestration.sweep {config_path} "
+                "--resume",
+                file=sys.stderr,
+            )
+            raise SweepInterrupted()
         rows = build_leaderboard(sweep, results, tracker=tracker, sweep_id=sweep_id)
     except BaseException:
         tracker.end_run(parent_run_id, "KILLED")
