@@ -82,7 +82,16 @@ def scan_one(dataset: DatasetConfig, index: int, *, source: str | None = None) -
             f"{prefix}datasets.{index}.num_classes: {dataset.num_classes}, but the "
             f"{dataset.format} dataset at {dataset.root} has {classes} classes"
         )
-    return (
+    summary = (
         f"{report.num_images} train images, {report.num_boxes} boxes, "
         f"{len(report.warnings)} warning(s)"
     )
+    for what, rules in (
+        ("annotations", report.filtered_annotations),
+        ("images", report.filtered_images),
+    ):
+        counts = {rule: len(ids) for rule, ids in rules.items() if ids}
+        if counts:
+            listed = ", ".join(f"{rule} {count}" for rule, count in counts.items())
+            summary += f"; training leaves out {sum(counts.values())} {what} ({listed})"
+    return summary

@@ -310,6 +310,33 @@ def test_dry_run_over_a_real_dataset_prints_its_scan(tmp_path, real_coco):
     assert_no_ray(result)
 
 
+def test_dry_run_says_what_training_will_leave_out(tmp_path, real_coco):
+    import json
+    import shutil
+
+    root = tmp_path / "coco"
+    shutil.copytree(real_coco, root)
+    annotations = root / "annotations" / "instances_train.json"
+    data = json.loads(annotations.read_text())
+    first = data["annotations"][0]
+    next_id = max(a["id"] for a in data["annotations"]) + 1
+    data["annotations"] += [
+        {**first, "id": next_id, "ignore": 1},
+        {**first, "id": next_id + 1, "area": 0},
+        {**first, "id": next_id + 2, "bbox": [first["bbox"][0], first["bbox"][1], 0.5, 9.0]},
+    ]
+    annotations.write_text(json.dumps(data))
+    (tmp_path / "s.yaml").write_text(
+        f"name: f\ndatasets:\n  - {{name: shapes, format: coco, root: '{root}', "
+        "num_classes: 6}\noutput_dir: out\n"
+    )
+    result = sweep_cli("s.yaml", "--dry-run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (
+        "; training leaves out 3 annotations (ignore_flag 1, area 1, under_1px 1)" in result.stdout
+    )
+
+
 def test_trial_experiment_of_the_demo():
     sweep = load_sweep_config(DEMO)
     coco = sweep.dataset("coco")
