@@ -192,7 +192,7 @@ def test_ctrl_c_records_the_sweep_as_interrupted_and_resume_finishes_it(
         mlflow_uri=mlflow_server.uri,
         s3_endpoint=s3_server.endpoint,
         datasets=[synthetic("ctrl-c-shapes", "coco", folder, images=8, classes=2)],
-        epochs=2,
+        epochs=6,  # seconds each: Ctrl-C after the first must land well before the last
     )
     path = sweep_runner.write(name, config)
     process = sweep_runner.start(path)
@@ -229,7 +229,7 @@ def test_ctrl_c_records_the_sweep_as_interrupted_and_resume_finishes_it(
     assert code == 0, log[-4000:]
     (trial,) = trial_runs(client, name)
     assert trial.info.run_id == running.info.run_id and trial.info.status == "FINISHED"
-    assert [v for _, v in epochs_logged(client, trial.info.run_id)] == [1, 2]
+    assert [v for _, v in epochs_logged(client, trial.info.run_id)] == [1, 2, 3, 4, 5, 6]
     assert json.loads((folder / name / "manifest.json").read_text())["status"] == "finished"
 
 
