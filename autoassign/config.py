@@ -185,6 +185,9 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(1e-4, ge=0)
     norm_weight_decay: float = Field(0.0, ge=0)
     """Weight decay of normalisation parameters (GroupNorm/BatchNorm affine); 0 = excluded."""
+    prior_lr_mult: float = Field(1.0, gt=0)
+    """Learning-rate factor of the center prior's ``mean`` and ``sigma`` (the reference: 1).
+    Their gradients are of the order of 1e-3, so a short schedule barely moves them."""
     warmup_iters: int = Field(1000, ge=0)
     warmup_ratio: float = Field(0.001, gt=0, le=1)
     schedule: str | None = "1x"

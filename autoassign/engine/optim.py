@@ -3,7 +3,8 @@
 The reference (mmdetection's AutoAssign config, ``paramwise_cfg=dict(norm_decay_mult=0.)``)
 excludes only normalisation layers (GroupNorm / BatchNorm weights and biases) from weight
 decay. Everything else is decayed, including conv biases, the per-level ``Scale`` scalars and
-the center-prior ``mean`` / ``sigma``; we follow it.
+the center-prior ``mean`` / ``sigma``; we follow it. ``train.prior_lr_mult`` (1 in the
+reference) scales the prior's learning rate, for schedules too short to move it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from autoassign.config import TrainConfig
+from autoassign.model.center_prior import CenterPrior
 
 NORM_LAYERS: tuple[type[nn.Module], ...] = (
     nn.GroupNorm,
@@ -31,25 +33,39 @@ def scaled_lr(train_cfg: TrainConfig, total_batch_size: int) -> float:
 
 
 def parameter_groups(
-    model: nn.Module, *, weight_decay: float, norm_weight_decay: float
+    model: nn.Module, *, weight_decay: float, norm_weight_decay: float, prior_lr_mult: float = 1.0
 ) -> list[dict]:
-    """Trainable parameters split into a decayed group and a normalisation-layer group.
+    """Trainable parameters split into a decayed group and a normalisation-layer group, and
+    with ``prior_lr_mult != 1`` a third, ``prior``: the center prior's ``mean`` and
+    ``sigma`` (decayed), whose ``lr_mult`` :meth:`WarmupStepSchedule.apply` applies.
 
     Shared parameters appear once. Groups with no parameters are left out.
     """
     norm_params: list[nn.Parameter] = []
+    prior_params: list[nn.Parameter] = []
     other_params: list[nn.Parameter] = []
     seen: set[int] = set()
     for module in model.modules():
-        is_norm = isinstance(module, NORM_LAYERS)
+        if isinstance(module, NORM_LAYERS):
+            bucket = norm_params
+        elif isinstance(module, CenterPrior) and prior_lr_mult != 1.0:
+            bucket = prior_params
+        else:
+            bucket = other_params
         for param in module.parameters(recurse=False):
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
-            (norm_params if is_norm else other_params).append(param)
+            bucket.append(param)
     groups = [
         {"params": other_params, "weight_decay": weight_decay, "name": "decay"},
         {"params": norm_params, "weight_decay": norm_weight_decay, "name": "norm"},
+        {
+            "params": prior_params,
+            "weight_decay": weight_decay,
+            "name": "prior",
+            "lr_mult": prior_lr_mult,
+        },
     ]
     return [group for group in groups if group["params"]]
 
@@ -57,7 +73,10 @@ def parameter_groups(
 def build_optimizer(model: nn.Module, train_cfg: TrainConfig, *, lr: float) -> torch.optim.SGD:
     """SGD with momentum over :func:`parameter_groups`; ``lr`` is the (scaled) peak rate."""
     groups = parameter_groups(
-        model, weight_decay=train_cfg.weight_decay, norm_weight_decay=train_cfg.norm_weight_decay
+        model,
+        weight_decay=train_cfg.weight_decay,
+        norm_weight_decay=train_cfg.norm_weight_decay,
+        prior_lr_mult=train_cfg.prior_lr_mult,
     )
     if not groups:
         raise ValueError("the model has no trainable parameters")
@@ -110,8 +129,9 @@ class WarmupStepSchedule:
         return self.base_lr * factor
 
     def apply(self, optimizer: torch.optim.Optimizer, iteration: int) -> float:
-        """Set every parameter group's lr for ``iteration``; returns the value."""
+        """Set every parameter group's lr for ``iteration`` (times the group's ``lr_mult``,
+        when it has one); returns the schedule's value."""
         lr = self.lr(iteration)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_mult", 1.0)
         return lr

@@ -98,3 +98,31 @@ def test_sgd_settings():
     assert isinstance(optimizer, torch.optim.SGD)
     assert [g["weight_decay"] for g in optimizer.param_groups] == [5e-4, 0.0]
     assert all(g["momentum"] == 0.8 and g["lr"] == 0.3 for g in optimizer.param_groups)
+
+
+def test_the_center_prior_gets_its_own_learning_rate_factor_only_when_asked():
+    from autoassign.model.center_prior import CenterPrior
+
+    class WithPrior(Tiny):
+        def __init__(self):
+            super().__init__()
+            self.prior = CenterPrior(3)
+
+    model = WithPrior()
+    default = build_optimizer(model, TrainConfig(), lr=0.1)
+    assert [g["name"] for g in default.param_groups] == ["decay", "norm"]  # as before
+    optimizer = build_optimizer(model, TrainConfig(prior_lr_mult=20.0, weight_decay=1e-4), lr=0.1)
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert {id(p) for p in groups["prior"]["params"]} == {
+        id(model.prior.mean),
+        id(model.prior.sigma),
+    }
+    assert groups["prior"]["weight_decay"] == 1e-4  # decayed, like the reference
+    schedule = WarmupStepSchedule(base_lr=0.1, iters_per_epoch=10, milestones=(1,))
+    assert schedule.apply(optimizer, 3) == pytest.approx(0.1)
+    assert groups["decay"]["lr"] == pytest.approx(0.1)
+    assert groups["prior"]["lr"] == pytest.approx(2.0)
+    schedule.apply(optimizer, 10)  # after the milestone
+    assert groups["prior"]["lr"] == pytest.approx(0.2) and groups["norm"]["lr"] == pytest.approx(
+        0.01
+    )
