@@ -48,12 +48,6 @@ class SweepError(AutoAssignError):
     """The sweep ran but did not give a usable result (every trial of a dataset failed)."""
 
 
-class SweepInterrupted(KeyboardInterrupt):
-    """Ctrl-C (or SIGUSR1) stopped the sweep: Ray Tune catches the signal, saves its state
-    and returns, leaving unfinished trials; the sweep is then recorded as interrupted, not
-    finished, so that ``--resume`` continues it."""
-
-
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
@@ -291,22 +285,23 @@ def run_sweep(
     print(f"MLflow runs table: {url or ui_hint(where, tracker)}")
 
     _init_ray(where)
+    # Left to itself, Ray Tune catches Ctrl-C, stops the trials as if they had finished and
+    # returns: the sweep would then rank and register half-trained trials. Without its
+    # handler, Ctrl-C interrupts the sweep here, and --resume continues it.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     try:
         results = _fit(sweep, where, sweep_id, parent_run_id, tracker, resuming)
-        unfinished = len(results) - results.num_terminated - results.num_errors
-        if unfinished:
-            print(
-                f"sweep {sweep_id} interrupted with {unfinished} of {len(results)} trials "
-                f"unfinished; continue it with: python -m orchestration.sweep {config_path} "
-                "--resume",
-                file=sys.stderr,
-            )
-            raise SweepInterrupted()
         rows = build_leaderboard(sweep, results, tracker=tracker, sweep_id=sweep_id)
-    except BaseException:
+    except BaseException as error:
         tracker.end_run(parent_run_id, "KILLED")
         manifest["status"] = "interrupted"
         write_manifest(sweep, manifest)
+        if isinstance(error, KeyboardInterrupt):
+            print(
+                f"sweep {sweep_id} interrupted; continue it with: python -m orchestration.sweep "
+                f"{config_path} --resume",
+                file=sys.stderr,
+            )
         raise
     finally:
         ray.shutdown()
