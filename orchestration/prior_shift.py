@@ -82,7 +82,8 @@ def prior_table(
     synthetic: bool,
 ) -> list[dict[str, Any]]:
     """One row per dataset, group and class: each seed's learned mean and sigma, the mean over
-    seeds, whether the sign of x and of y is the same in every seed, and the mass offset."""
+    seeds, whether the sign of x and of y is the same in every seed (None for one seed), and
+    the mass offset."""
     rows = []
     for summary in summaries:
         groups: dict[str, dict[str, list[dict]]] = {}
@@ -118,7 +119,10 @@ def prior_table(
     return rows
 
 
-def _same_sign(values: list[float]) -> bool:
+def _same_sign(values: list[float]) -> bool | None:
+    """Whether every seed's value has one sign (zero has none); None for a single seed."""
+    if len(values) < 2:
+        return None
     return all(v > 0 for v in values) or all(v < 0 for v in values)
 
 
@@ -132,7 +136,7 @@ def prior_cells(rows: list[dict[str, Any]], by: str | None) -> tuple[list[str], 
         line = [r["dataset"], *([r["group"]] if by else []), r["class"]]
         line += [_numbers(m[0] for m in r["mean_per_seed"])]
         line += [_numbers(m[1] for m in r["mean_per_seed"])]
-        line += ["/".join("yes" if same else "no" for same in r["same_sign"])]
+        line += ["/".join({True: "yes", False: "no", None: "-"}[same] for same in r["same_sign"])]
         line += [_numbers(r["sigma"])]
         if len(header) > len(line):
             offset = r["mass_offset"]

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from orchestration.prior_shift import main, shape_mass_offset
+from orchestration.prior_shift import _same_sign, main, shape_mass_offset
 from orchestration.tracking import TAG_DATASET, TAG_FORMAT, TAG_KIND, TAG_METRIC, TAG_SWEEP_ID
 
 # (variant, seed, l_shape mean, disc mean)
@@ -73,7 +73,8 @@ def test_learned_means_per_class_and_seed(store, capsys):
     assert full_l["shape"] == "l_shape"
     assert full_l["mass_offset"] == pytest.approx([-0.248, 0.248], abs=0.01)
     assert rows["full", "disc"]["same_sign"] == [False, False]
-    assert rows["fixed_prior", "l_shape"]["same_sign"] == [False, False]  # zero is no sign
+    assert rows["fixed_prior", "l_shape"]["same_sign"] == [None, None]  # one seed says nothing
+    assert _same_sign([0.0, 0.1]) is False and _same_sign([-0.2, -0.1]) is True  # 0: no sign
 
     code = main(["pri", "--tracking-uri", store, "--by", "variant", "--synthetic"])
     out, _ = capsys.readouterr()
