@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -65,6 +66,7 @@ def synthetic_shape(class_name: str, index: int, format_: str) -> str | None:
 def read_priors(client: Any, run_id: str) -> list[dict[str, Any]] | None:
     """The run's ``center_prior.json``: per class ``{"class", "mean", "sigma"}``; None when
     the run has no such artifact (it failed before the end)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar a trial
     with tempfile.TemporaryDirectory() as folder:
         try:
             path = client.download_artifacts(run_id, "center_prior.json", folder)
