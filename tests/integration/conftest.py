@@ -328,6 +328,9 @@ class SweepRunner:
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=self.folder,
+            # A test run started in the background (nohup, CI runners) ignores SIGINT, and a
+            # child inherits that; the sweep gets Ctrl-C as a terminal would give it.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
 
     def run(self, config: Path, *args: str, timeout: float = 900) -> tuple[int, str]:
