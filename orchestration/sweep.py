@@ -20,12 +20,15 @@ command line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -285,12 +288,11 @@ def run_sweep(
     print(f"MLflow runs table: {url or ui_hint(where, tracker)}")
 
     _init_ray(where)
-    # Left to itself, Ray Tune catches Ctrl-C, stops the trials as if they had finished and
-    # returns: the sweep would then rank and register half-trained trials. Without its
-    # handler, Ctrl-C interrupts the sweep here, and --resume continues it.
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     try:
-        results = _fit(sweep, where, sweep_id, parent_run_id, tracker, resuming)
+        with ctrl_c_watch() as interrupted:
+            results = _fit(sweep, where, sweep_id, parent_run_id, tracker, resuming)
+        if interrupted():
+            raise KeyboardInterrupt
         rows = build_leaderboard(sweep, results, tracker=tracker, sweep_id=sweep_id)
     except BaseException as error:
         tracker.end_run(parent_run_id, "KILLED")
@@ -447,6 +449,33 @@ def _fit(
         run_config=run_config,
     )
     return tuner.fit()
+
+
+@contextlib.contextmanager
+def ctrl_c_watch():
+    """Tell afterwards whether Ctrl-C stopped the Ray Tune run inside the block.
+
+    Tune catches the first SIGINT itself: it stops every trial cleanly (they end TERMINATED,
+    as if they had finished), saves its state, puts back the handler it found and returns.
+    So this installs a handler of its own first; finding it back in place afterwards means
+    Tune received the signal. A second Ctrl-C reaches it and interrupts at once. Yields a
+    function that answers after the block.
+    """
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # nohup, background jobs
+    if ignored or threading.current_thread() is not threading.main_thread():
+        yield lambda: False  # signals reach the main thread only
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    seen: list[bool] = []
+    try:
+        yield lambda: bool(seen and seen[0])
+    finally:
+        seen.append(signal.getsignal(signal.SIGINT) is handler)
+        signal.signal(signal.SIGINT, previous)
 
 
 def max_concurrent_trials(sweep: SweepConfig, cluster: dict[str, float]) -> int:

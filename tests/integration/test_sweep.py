@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 
 from tests.integration.conftest import BUCKET, POSTGRES_BIN, SECRET_KEY, synthetic, tiny_sweep
 from tests.integration.mlflow_ui import RunsTable, missing_browser
+from tests.integration.test_fault_tolerance import epochs_logged, trial_runs, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -327,3 +329,58 @@ def test_the_mlflow_ui_shows_the_sweep_nested_with_its_columns(
             assert _shows(row.cells[metric], run.data.metrics[metric]), (row.cells, metric)
         else:
             assert row.cells[metric] == "-"
+
+
+def test_ctrl_c_records_the_sweep_as_interrupted_and_resume_finishes_it(
+    sweep_runner, mlflow_server, s3_server
+):
+    """Left to itself, Ray Tune catches SIGINT and returns with the trials marked finished:
+    the sweep must not then rank and register half-trained trials. (Last in the session: an
+    interrupted sweep is the one thing here that may leave the shared cluster untidy.)"""
+    folder = sweep_runner.folder
+    name = "it-ctrl-c"
+    config = tiny_sweep(
+        name,
+        folder,
+        mlflow_uri=mlflow_server.uri,
+        s3_endpoint=s3_server.endpoint,
+        datasets=[synthetic("ctrl-c-shapes", "coco", folder, images=8, classes=2)],
+        epochs=6,  # seconds each: Ctrl-C after the first must land well before the last
+    )
+    path = sweep_runner.write(name, config)
+    process = sweep_runner.start(path)
+    client = mlflow_server.client()
+
+    def one_epoch_logged():
+        runs = [r for r in trial_runs(client, name) if r.info.status == "RUNNING"]
+        return runs[0] if runs and epochs_logged(client, runs[0].info.run_id) else None
+
+    try:
+        running = wait_until(one_epoch_logged, timeout=400, what="a trial's first epoch")
+        process.send_signal(signal.SIGINT)
+        code = process.wait(timeout=180)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    log = path.with_suffix(".log").read_text()
+    assert code == 130, log[-3000:]
+    assert "interrupted; continue it with: python -m orchestration.sweep" in log
+    assert f"python -m orchestration.sweep {path} --resume" in log
+    assert "leaderboard (best trial per dataset)" not in log
+    manifest = json.loads((folder / name / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted"
+    assert not (folder / name / "leaderboard.json").exists()
+    experiment_id = client.get_experiment_by_name(name).experiment_id
+    (parent,) = [
+        r
+        for r in client.search_runs([experiment_id], max_results=100)
+        if r.data.tags.get("autoassign.kind") == "sweep"
+    ]
+    assert parent.info.status == "KILLED"
+
+    code, log = sweep_runner.run(path, "--resume")
+    assert code == 0, log[-4000:]
+    (trial,) = trial_runs(client, name)
+    assert trial.info.run_id == running.info.run_id and trial.info.status == "FINISHED"
+    assert [v for _, v in epochs_logged(client, trial.info.run_id)] == [1, 2, 3, 4, 5, 6]
+    assert json.loads((folder / name / "manifest.json").read_text())["status"] == "finished"
