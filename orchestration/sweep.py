@@ -380,7 +380,13 @@ def _fit(
     from orchestration.schedulers import build_scheduler
     from orchestration.search import param_space
     from orchestration.storage import Storage
-    from orchestration.trial import SweepContext, run_trial, trial_label, trial_params
+    from orchestration.trial import (
+        SweepContext,
+        run_trial,
+        trial_failure_config,
+        trial_label,
+        trial_params,
+    )
 
     storage = Storage(where.storage_root, where.storage_endpoint)
     storage_path, filesystem = storage.ray_storage()
@@ -403,7 +409,7 @@ def _fit(
         storage_path=storage_path,
         storage_filesystem=filesystem,
         callbacks=[RunCloser(tracker, sweep_id)],
-        failure_config=tune.FailureConfig(max_failures=0),
+        failure_config=trial_failure_config(sweep),
         verbose=1,
     )
     experiment_path = f"{storage_path}/{sweep_id}"

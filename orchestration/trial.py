@@ -69,6 +69,13 @@ def _short(value: Any) -> str:
     return str(value)
 
 
+def trial_failure_config(sweep: SweepConfig) -> Any:
+    """Ray Tune's ``FailureConfig`` for the sweep's trials (the trial drivers)."""
+    import ray.tune
+
+    return ray.tune.FailureConfig(max_failures=0)
+
+
 def train_run_name(sweep_id: str, trial_id: str) -> str:
     """The Ray Train run name of a trial: stable across restarts, unique per sweep."""
     digest = hashlib.sha1(f"{sweep_id}/{trial_id}".encode()).hexdigest()[:8]
