@@ -38,11 +38,11 @@ from typing import Any
 
 from autoassign.errors import AutoAssignError, ConfigError, run_cli
 from orchestration.config import SweepConfig, check_dataset_folders, load_sweep_config
+from orchestration.redaction import redact, redact_data
+from orchestration.sweep_state import LEADERBOARD, SweepLock, SweepRecord, write_text_atomically
 
-MANIFEST = "manifest.json"
 COMPARISON = "compare.md"
 PLOTS = "plots"
-LEADERBOARD = "leaderboard.json"
 DRIVER_RESOURCES = {"cpu": 0, "memory": 1}
 """What each trial's Tune driver asks of Ray (bytes of logical memory)."""
 
@@ -93,10 +93,21 @@ def run(args: argparse.Namespace) -> None:
         scans = datasets.scan_all(sweep, write_synthetic=False, source=str(args.config))
         print(format_plan(sweep, scans, resolve_locations(sweep)))
         return
-    manifest = read_manifest(sweep) if args.resume else None
-    make_paths_absolute(sweep)
-    datasets.scan_all(sweep, write_synthetic=True, source=str(args.config))
-    leaderboard = run_sweep(sweep, config_path=args.config, manifest=manifest)
+    record = sweep_record(sweep)
+    # A resume that cannot work is refused before anything is written, the lock included.
+    manifest = record.read_manifest() if args.resume else None
+    with SweepLock(record.output_dir) as lock:
+        if manifest is not None:
+            manifest = record.read_manifest()  # as it is now that no other driver can write it
+            adopt_recorded_storage(sweep, manifest)
+            check_restorable(sweep, manifest)
+        sweep_id = manifest["sweep_id"] if manifest else new_sweep_id(sweep.name)
+        lock.record(sweep_id)
+        make_paths_absolute(sweep)
+        datasets.scan_all(sweep, write_synthetic=True, source=str(args.config))
+        leaderboard = run_sweep(
+            sweep, config_path=args.config, sweep_id=sweep_id, manifest=manifest
+        )
     failed = [row["dataset"] for row in leaderboard if row["status"] == "failed"]
     if failed:
         raise SweepError(f"every trial failed for dataset(s): {', '.join(failed)}")
@@ -172,7 +183,6 @@ def resolve_locations(sweep: SweepConfig) -> Locations:
 
 def format_plan(sweep: SweepConfig, scans: dict[str, str], where: Locations) -> str:
     from orchestration.search import describe_space, trials_per_dataset
-    from orchestration.tracking import redact
 
     per_dataset = trials_per_dataset(sweep)
     res = sweep.resources
@@ -195,7 +205,7 @@ def format_plan(sweep: SweepConfig, scans: dict[str, str], where: Locations) -> 
         f"storage: {redact(where.storage_root)}"
         + (f" (endpoint {where.storage_endpoint})" if where.storage_endpoint else ""),
         f"tracking: {redact(where.tracking_uri)} (experiment {where.experiment!r})",
-        f"ray: {where.ray_address or 'a local Ray started for the sweep'}",
+        f"ray: {redact(where.ray_address) or 'a local Ray started for the sweep'}",
         f"output: {where.output_dir}",
     ]
     return "\n".join(lines)
@@ -206,32 +216,68 @@ def format_plan(sweep: SweepConfig, scans: dict[str, str], where: Locations) -> 
 # --------------------------------------------------------------------------------------------
 
 
-def manifest_path(sweep: SweepConfig) -> Path:
-    return sweep.resolved_output_dir / MANIFEST
+def sweep_record(sweep: SweepConfig) -> SweepRecord:
+    """The sweep's manifest and leaderboard: in its output folder, and in its storage too
+    when the user chose one (``storage.path``), which outlives a Ray Job's head node."""
+    from orchestration.storage import Storage, s3_endpoint
+
+    shared = None
+    if sweep.storage.path is not None:
+        shared = Storage(sweep.storage.path.rstrip("/"), s3_endpoint(sweep.storage.endpoint_url))
+    return SweepRecord(sweep.name, sweep.resolved_output_dir.resolve(), shared)
 
 
-def read_manifest(sweep: SweepConfig) -> dict[str, Any]:
-    path = manifest_path(sweep)
-    if not path.is_file():
+def adopt_recorded_storage(sweep: SweepConfig, manifest: dict[str, Any]) -> None:
+    """Resume where the sweep keeps its Ray state: the manifest's storage root.
+
+    A config that leaves ``storage.path`` at its default takes the recorded one (with its
+    endpoint); one that names another storage is refused, since Ray Tune's state of the
+    sweep is not there and a fresh start would rerun finished trials under the same id.
+    """
+    recorded = manifest.get("storage_root")
+    if not recorded:
+        return
+    current = resolve_locations(sweep).storage_root
+    if current == recorded.rstrip("/"):
+        return
+    if sweep.storage.path is None and "***" not in recorded:
+        sweep.storage.path = recorded
+        if sweep.storage.endpoint_url is None and manifest.get("storage_endpoint"):
+            sweep.storage.endpoint_url = manifest["storage_endpoint"]
+        print(f"resuming with the storage the sweep ran with: {recorded}")
+        return
+    raise ConfigError(
+        f"--resume: sweep {manifest['sweep_id']} keeps its Ray state in {recorded} "
+        f"(storage_root of its manifest), but storage.path is now {redact(current)}; "
+        f"resume with storage.path={recorded}"
+    )
+
+
+def check_restorable(sweep: SweepConfig, manifest: dict[str, Any]) -> None:
+    """ConfigError unless Ray Tune's state of the manifest's sweep is in the storage."""
+    from ray import tune
+
+    from orchestration.storage import Storage
+
+    where = resolve_locations(sweep)
+    if manifest.get("status") == "finished":
         raise ConfigError(
-            f"--resume: no sweep to resume: {path} does not exist (run the sweep without "
-            "--resume first)"
+            f"--resume: sweep {manifest['sweep_id']} has already finished; its leaderboard is "
+            f"{where.output_dir / LEADERBOARD}"
         )
+    storage_path, filesystem = Storage(where.storage_root, where.storage_endpoint).ray_storage()
+    experiment = f"{storage_path}/{manifest['sweep_id']}"
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"--resume: {path} is not a sweep manifest ({error})") from None
-    if manifest.get("name") != sweep.name or "sweep_id" not in manifest:
-        raise ConfigError(f"--resume: {path} is not a manifest of sweep {sweep.name!r}")
-    return manifest
-
-
-def write_manifest(sweep: SweepConfig, manifest: dict[str, Any]) -> None:
-    path = manifest_path(sweep)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+        restorable = tune.Tuner.can_restore(experiment, storage_filesystem=filesystem)
+    except OSError as error:
+        raise ConfigError(f"--resume: cannot read {redact(where.storage_root)}: {error}") from None
+    if not restorable:
+        raise ConfigError(
+            f"--resume: sweep {manifest['sweep_id']} has no Ray Tune state under "
+            f"{redact(where.storage_root)}/{manifest['sweep_id']} (the driver died before "
+            "Tune saved any, or the storage was emptied); nothing can be resumed: run the "
+            "sweep again without --resume"
+        )
 
 
 def new_sweep_id(name: str) -> str:
@@ -245,19 +291,27 @@ def new_sweep_id(name: str) -> str:
 
 
 def run_sweep(
-    sweep: SweepConfig, *, config_path: Path, manifest: dict[str, Any] | None = None
+    sweep: SweepConfig,
+    *,
+    config_path: Path,
+    sweep_id: str,
+    manifest: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run (or resume) the sweep; returns the leaderboard rows."""
-    import ray
+    """Run (or, given the manifest of an earlier run, resume) the sweep; returns the
+    leaderboard rows.
 
-    from orchestration.leaderboard import build_leaderboard, format_leaderboard
+    The record never claims more than happened: the manifest says ``finished`` only after
+    the leaderboard, the parent run's artifacts and the registry are done and the parent
+    run has ended; any failure on the way ends the parent run (KILLED for Ctrl-C, FAILED
+    otherwise) and leaves a manifest that ``--resume`` picks up.
+    """
     from orchestration.search import describe_space
-    from orchestration.tracking import Tracker, redact
+    from orchestration.tracking import Tracker
 
     where = resolve_locations(sweep)
     where.output_dir.mkdir(parents=True, exist_ok=True)
+    record = sweep_record(sweep)
     resuming = manifest is not None
-    sweep_id = manifest["sweep_id"] if resuming else new_sweep_id(sweep.name)
     tracker = Tracker(
         where.tracking_uri,
         where.experiment,
@@ -268,8 +322,6 @@ def run_sweep(
     parent_run_id = tracker.parent_run(
         sweep_id, name=sweep.name, tags=parent_tags(sweep, where, config_path)
     )
-    if not resuming:
-        _log_parent(tracker, parent_run_id, sweep, config_path)
     manifest = {
         "name": sweep.name,
         "sweep_id": sweep_id,
@@ -278,53 +330,116 @@ def run_sweep(
         "experiment": where.experiment,
         "parent_run_id": parent_run_id,
         "storage_root": redact(where.storage_root),
+        "storage_endpoint": redact(where.storage_endpoint),
         "status": "running",
         "trials": (manifest or {}).get("trials", {}),
+        "registered": (manifest or {}).get("registered", {}),
     }
-    write_manifest(sweep, manifest)
-    tracker.publish_runs_view(runs_view_metrics(sweep), list(describe_space(sweep)))
-    url = tracker.runs_table_url(sweep.tracking.ui_url, with_view=True)
-    print(f"sweep {sweep_id}: MLflow parent run {parent_run_id}")
+    url = None
+    try:
+        if not resuming:
+            _log_parent(tracker, parent_run_id, sweep, config_path)
+        record.write_manifest(manifest)
+        tracker.publish_runs_view(runs_view_metrics(sweep), list(describe_space(sweep)))
+        url = tracker.runs_table_url(sweep.tracking.ui_url, with_view=True)
+        print(f"sweep {sweep_id}: MLflow parent run {parent_run_id}")
+        print(f"MLflow runs table: {url or ui_hint(where, tracker)}")
+        results = _fit_on_ray(sweep, where, sweep_id, parent_run_id, tracker, resuming)
+        rows = _finish(sweep, where, record, manifest, results, tracker)
+    except KeyboardInterrupt:
+        _end_parent(tracker, parent_run_id, "KILLED")
+        manifest["status"] = "interrupted"
+        record.write_manifest(manifest)
+        print(
+            f"sweep {sweep_id} interrupted; continue it with: python -m orchestration.sweep "
+            f"{config_path} --resume",
+            file=sys.stderr,
+        )
+        raise
+    except BaseException as error:
+        reason = f"{type(error).__name__}: {error}".splitlines()[0][:2000]
+        _end_parent(tracker, parent_run_id, "FAILED", reason=reason)
+        manifest.update(status="failed", error=reason)
+        with contextlib.suppress(Exception):  # the record must not hide the first error
+            record.write_manifest(manifest)
+        if isinstance(error, AutoAssignError):
+            raise
+        raise SweepError(
+            f"sweep {sweep_id} failed: {reason}; finished trials are kept: once the cause is "
+            f"fixed, continue with: python -m orchestration.sweep {config_path} --resume"
+        ) from error
     print(f"MLflow runs table: {url or ui_hint(where, tracker)}")
+    return rows
+
+
+def _fit_on_ray(
+    sweep: SweepConfig,
+    where: Locations,
+    sweep_id: str,
+    parent_run_id: str,
+    tracker: Any,
+    resuming: bool,
+) -> Any:
+    """Every trial, on a Ray started (or joined) for the purpose; KeyboardInterrupt when
+    Ctrl-C stopped Tune."""
+    import ray
 
     _init_ray(where)
     try:
         with ctrl_c_watch() as interrupted:
             results = _fit(sweep, where, sweep_id, parent_run_id, tracker, resuming)
-        if interrupted():
-            raise KeyboardInterrupt
-        rows = build_leaderboard(sweep, results, tracker=tracker, sweep_id=sweep_id)
-    except BaseException as error:
-        tracker.end_run(parent_run_id, "KILLED")
-        manifest["status"] = "interrupted"
-        write_manifest(sweep, manifest)
-        if isinstance(error, KeyboardInterrupt):
-            print(
-                f"sweep {sweep_id} interrupted; continue it with: python -m orchestration.sweep "
-                f"{config_path} --resume",
-                file=sys.stderr,
-            )
-        raise
     finally:
         ray.shutdown()
+    if interrupted():
+        raise KeyboardInterrupt
+    return results
 
+
+def _finish(
+    sweep: SweepConfig,
+    where: Locations,
+    record: SweepRecord,
+    manifest: dict[str, Any],
+    results: Any,
+    tracker: Any,
+) -> list[dict[str, Any]]:
+    """After the trials, in an order a crash cannot make lie: the leaderboard file, the
+    parent run's artifacts, the registry, the parent run's end, and last the manifest's
+    ``finished``. Each step can be done again by ``--resume`` (registered datasets are
+    remembered in the manifest and not registered twice)."""
+    from orchestration.leaderboard import build_leaderboard, format_leaderboard
+
+    sweep_id, parent_run_id = manifest["sweep_id"], manifest["parent_run_id"]
+    rows = build_leaderboard(sweep, results, tracker=tracker, sweep_id=sweep_id)
     manifest["trials"] = {
         row["trial_id"]: row["run_id"] for row in _all_trials(results, tracker, sweep_id)
     }
-    manifest["status"] = "finished"
-    write_manifest(sweep, manifest)
-    board_path = where.output_dir / LEADERBOARD
-    board_path.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
-    tracker.log_artifact(parent_run_id, board_path)
+    manifest["status"] = "finishing"
+    record.write_manifest(manifest)
+    record.write_leaderboard(rows)
+    tracker.log_artifact(parent_run_id, record.leaderboard_path)
     _log_comparison(tracker, where, sweep_id, parent_run_id)
     if sweep.tracking.register_models:
-        _register_models(tracker, where, rows, sweep_id)
+        _register_models(tracker, where, rows, sweep_id, record, manifest)
     print(format_leaderboard(rows))
-    print(f"leaderboard: {board_path}")
-    print(f"MLflow runs table: {url or ui_hint(where, tracker)}")
+    print(f"leaderboard: {record.leaderboard_path}")
     failed = any(row["status"] == "failed" for row in rows)
     tracker.end_run(parent_run_id, "FAILED" if failed else "FINISHED")
+    manifest["status"] = "finished"
+    record.write_manifest(manifest)
     return rows
+
+
+def _end_parent(tracker: Any, run_id: str, status: str, *, reason: str | None = None) -> None:
+    """End the parent run, or say why it could not be (``--resume`` ends it later)."""
+    try:
+        tracker.end_run(run_id, status, reason=reason)
+    except Exception as error:  # the tracking server itself may be what failed
+        print(
+            f"warning: could not end the parent MLflow run {run_id} as {status} ({error}); "
+            "--resume or the next run of the sweep closes it",
+            file=sys.stderr,
+        )
 
 
 def _log_comparison(tracker: Any, where: Locations, sweep_id: str, parent_run_id: str) -> None:
@@ -339,20 +454,37 @@ def _log_comparison(tracker: Any, where: Locations, sweep_id: str, parent_run_id
         print(f"no comparison table: {error}")
         return
     path = where.output_dir / COMPARISON
-    path.write_text(markdown_table(summaries), encoding="utf-8")
+    write_text_atomically(path, markdown_table(summaries))
     tracker.log_artifact(parent_run_id, path)
     for plot in sweep_plots(tracker.client, summaries, where.output_dir / PLOTS):
         tracker.log_artifact(parent_run_id, plot, PLOTS)
 
 
-def _register_models(tracker: Any, where: Locations, rows: list, sweep_id: str) -> None:
+def _register_models(
+    tracker: Any,
+    where: Locations,
+    rows: list,
+    sweep_id: str,
+    record: SweepRecord,
+    manifest: dict[str, Any],
+) -> None:
+    """Register each dataset's winner once: a resumed finish skips the datasets the
+    manifest already lists as registered."""
     from orchestration.registry import register_best
     from orchestration.storage import Storage
 
     storage = Storage(where.storage_root, where.storage_endpoint)
-    for registration in register_best(tracker.client, rows, storage=storage, sweep_id=sweep_id):
-        print(f"registry: {registration.model} version {registration.version}: "
-              f"{registration.comparison}")  # fmt: skip
+    done = manifest.setdefault("registered", {})
+    for row in rows:
+        if row["dataset"] in done:
+            continue
+        for registration in register_best(
+            tracker.client, [row], storage=storage, sweep_id=sweep_id
+        ):
+            print(f"registry: {registration.model} version {registration.version}: "
+                  f"{registration.comparison}")  # fmt: skip
+            done[row["dataset"]] = f"{registration.model}/{registration.version}"
+        record.write_manifest(manifest)
 
 
 def _init_ray(where: Locations) -> None:
@@ -413,7 +545,7 @@ def _fit(
         verbose=1,
     )
     experiment_path = f"{storage_path}/{sweep_id}"
-    if resuming and tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem):
+    if resuming:  # check_restorable made sure Tune's state is there
         closed = tracker.close_stale_runs(sweep_id, keep=[])
         if closed:
             print(f"closed {len(closed)} run(s) left RUNNING by the previous driver")
@@ -516,7 +648,6 @@ def _trial_id_of(result: Any) -> str:
 
 
 def parent_tags(sweep: SweepConfig, where: Locations, config_path: Path) -> dict[str, str]:
-    from orchestration.tracking import redact
 
     tags = {
         "autoassign.config_file": str(config_path),
@@ -565,14 +696,36 @@ def _log_parent(tracker: Any, run_id: str, sweep: SweepConfig, config_path: Path
     )
     params.update({f"versions.{name}": version for name, version in package_versions().items()})
     tracker.log_params(run_id, params)
-    from autoassign.config_loading import dump_config
-
     with tempfile.TemporaryDirectory() as tmp:
         resolved = Path(tmp) / "sweep_resolved.yaml"
-        resolved.write_text(dump_config(sweep), encoding="utf-8")
+        resolved.write_text(redacted_yaml(sweep.model_dump(mode="json")), encoding="utf-8")
         tracker.log_artifact(run_id, resolved)
         if config_path.is_file():
-            tracker.log_artifact(run_id, config_path)
+            tracker.log_artifact(run_id, redacted_copy(config_path, Path(tmp) / "config"))
+
+
+def redacted_yaml(data: Any) -> str:
+    """``data`` as YAML with its URIs' credentials and secret-named values hidden."""
+    import yaml
+
+    return yaml.safe_dump(redact_data(data), sort_keys=False)
+
+
+def redacted_copy(config_path: Path, folder: Path) -> Path:
+    """The user's config file as it is, or, when it holds a secret, its redacted YAML
+    (comments are lost then, a header says so), under the same name in ``folder``."""
+    import yaml
+
+    text = config_path.read_text(encoding="utf-8")
+    data = yaml.safe_load(text)
+    copy = folder / config_path.name
+    folder.mkdir(parents=True, exist_ok=True)
+    if redact_data(data) == data:
+        copy.write_text(text, encoding="utf-8")
+    else:
+        header = "# secrets (URI credentials, query strings, secret-named values) removed\n"
+        copy.write_text(header + redacted_yaml(data), encoding="utf-8")
+    return copy
 
 
 def package_versions() -> dict[str, str]:
@@ -603,7 +756,8 @@ def git_commit() -> str | None:
 
 def ui_hint(where: Locations, tracker: Any) -> str:
     url = tracker.runs_table_url("http://127.0.0.1:5000", with_view=True)
-    return f"run `mlflow ui --backend-store-uri {where.tracking_uri} --port 5000`, then open {url}"
+    store = redact(where.tracking_uri)
+    return f"run `mlflow ui --backend-store-uri {store} --port 5000`, then open {url}"
 
 
 if __name__ == "__main__":
