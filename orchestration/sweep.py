@@ -306,8 +306,9 @@ def run_sweep(
     otherwise) and leaves a manifest that ``--resume`` picks up.
     """
     from orchestration.search import describe_space
-    from orchestration.tracking import Tracker
+    from orchestration.tracking import Tracker, quiet_mlflow_output
 
+    quiet_mlflow_output()
     where = resolve_locations(sweep)
     where.output_dir.mkdir(parents=True, exist_ok=True)
     record = sweep_record(sweep)

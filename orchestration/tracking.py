@@ -22,12 +22,12 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import urlparse, urlunparse
+
+from orchestration.redaction import SECRET_NAME, redact
 
 logger = logging.getLogger(__name__)
 
@@ -60,18 +60,7 @@ T = TypeVar("T")
 # Secrets
 # --------------------------------------------------------------------------------------------
 
-_SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access_key)", re.IGNORECASE)
-
-
-def redact(uri: str | None) -> str | None:
-    """``uri`` without a ``user:password@`` part (and without query strings)."""
-    if not uri:
-        return uri
-    parsed = urlparse(uri)
-    if not parsed.netloc or "@" not in parsed.netloc:
-        return uri
-    host = parsed.netloc.rsplit("@", 1)[1]
-    return urlunparse(parsed._replace(netloc=f"***@{host}", query=""))
+_SECRET_KEY = SECRET_NAME
 
 
 def safe_params(params: Mapping[str, Any]) -> dict[str, str]:
@@ -102,11 +91,18 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
+def quiet_mlflow_output() -> None:
+    """No "View run at <tracking URI>" lines from MLflow: they repeat on every run end, and
+    the URI they print may carry credentials."""
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
 def quiet_client_retries() -> None:
     """Make each MLflow HTTP call fail fast; :func:`with_retries` and the buffer retry instead.
 
     MLflow's own retries block a training step for minutes against a server that is down.
     """
+    quiet_mlflow_output()
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
