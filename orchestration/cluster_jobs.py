@@ -9,22 +9,26 @@ joins the cluster instead of starting a Ray of its own.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from autoassign.errors import ConfigError
 
-# What a sweep job never needs to upload (Ray's working_dir excludes use .gitignore syntax).
+# What a sweep job never uploads. Ray reads these as .gitignore lines: a pattern without a
+# slash matches at any depth ("data" would also drop the autoassign/data package), a leading
+# "/" anchors it to the top of the uploaded folder.
 WORKING_DIR_EXCLUDES = [
-    ".git",
-    ".venv",
-    "venv",
-    "runs",
-    "data",
+    "/runs",  # sweep outputs
+    "/data",  # datasets (the cluster has its own)
+    ".git",  # any depth: repositories and submodules
+    ".venv",  # any depth: no package is called that
+    "/venv",
     "**/__pycache__",
     "*.egg-info",
-    ".env",
+    ".env",  # credentials, at any depth
+    ".env.*",  # .env.local and the like; .env.example too, which no job reads
 ]
 TERMINAL_STATUSES = ("SUCCEEDED", "FAILED", "STOPPED")
 ACTIVE_STATUSES = ("PENDING", "RUNNING")
@@ -33,14 +37,34 @@ META_FIRE_TIME = "autoassign_fire_time"
 META_CONFIG = "autoassign_config"
 NO_AGENT_YET = "No available agent to submit job"
 AGENT_WAIT_S = 120.0
+UPLOAD_LIMIT_FALLBACK = 100 * 1024**2
+"""The Jobs API's request-size limit when the installed Ray does not say (Ray 2.60: 100 MiB)."""
+
+# Ray's refusal of a submission id it already has: "Job with submission_id X already exists."
+_ALREADY_EXISTS = re.compile(r"submission_id \S+ already exists")
+# The last line of a Python traceback: "ValueError: message", "pkg.mod.SomeError: message".
+_EXCEPTION_LINE = re.compile(r"^(?P<type>[A-Za-z_][\w.]*)(?::[ \t]?(?P<message>.*))?$")
 
 
 class JobsError(Exception):
-    """A Jobs API that cannot be reached (``exit_code`` 1) or a job that does not exist (2)."""
+    """A Jobs API that cannot be reached or refuses (``exit_code`` 1), or a job that does not
+    exist or a folder that cannot be uploaded (2)."""
 
     def __init__(self, message: str, exit_code: int = 1):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class AlreadySubmitted(JobsError):
+    """The cluster already has a job with this submission id (Ray refuses a second one)."""
+
+    def __init__(self, submission_id: str):
+        super().__init__(
+            f"submission refused: the cluster already has a job with submission id "
+            f"{submission_id!r} (it keeps the ids of ended jobs too); choose another id",
+            1,
+        )
+        self.submission_id = submission_id
 
 
 @dataclass(frozen=True)
@@ -60,7 +84,10 @@ class SweepJob:
         return " ".join(shlex.quote(word) for word in words)
 
     def check(self, where: str) -> None:
-        """Raise ConfigError (naming ``where``) unless the config can travel with the job."""
+        """Raise ConfigError (naming ``where``) unless the job can run as submitted: the
+        config inside the working dir, the files it names by relative path uploaded with it,
+        and the upload within the cluster's limit (which :func:`submit` checks again, since
+        a scheduler's folder can grow between its start and a fire time)."""
         if not self.working_dir.is_dir():
             raise ConfigError(f"{where}: working dir {self.working_dir} is not a folder")
         if not self.config.is_file():
@@ -72,6 +99,114 @@ class SweepJob:
                 f"{where}: config {self.config} is outside the working dir {self.working_dir}, "
                 "which is what the job uploads"
             ) from None
+        self.check_named_files(where)
+        check_upload_size(self.working_dir, where)
+
+    def check_named_files(self, where: str) -> None:
+        """Each weights or checkpoint file the sweep's trials start from, when named by a
+        relative path, must be in the uploaded folder: the job runs there, on the head.
+
+        Absolute paths are on the cluster's disks, which only the sweep itself can look at.
+        """
+        from orchestration.config import load_sweep_config, trial_experiment
+
+        overrides = [arg for arg in self.sweep_args if "=" in arg and not arg.startswith("-")]
+        try:
+            sweep = load_sweep_config(self.config, overrides)
+        except ConfigError as error:
+            raise ConfigError(f"{where}: {error}") from None
+        root = self.working_dir.resolve()
+        is_excluded = _excluded(root)
+        missing: dict[tuple[str, Path], list[str]] = {}  # (field, path) -> the datasets
+        for index, dataset in enumerate(sweep.datasets):
+            experiment = trial_experiment(sweep, dataset, {}, source=str(self.config))
+            for key, path in (
+                ("model.backbone.weights", experiment.model.backbone.weights),
+                ("model.checkpoint", experiment.model.checkpoint),
+            ):
+                if path is None or Path(path).is_absolute():
+                    continue
+                if not (root / path).is_file() or is_excluded(root / path):
+                    missing.setdefault((key, Path(path)), []).append(
+                        f"datasets.{index} ({dataset.name})"
+                    )
+        config = self.config.resolve().relative_to(root)
+        problems = []
+        for (key, path), datasets in missing.items():
+            where_not = "left out of" if (root / path).is_file() else "not in"
+            problems.append(
+                f"{where}: {config}: {key} {path} of {', '.join(datasets)} is {where_not} the "
+                f"uploaded folder {root}: the job runs there, so its trials would fail on the "
+                f"cluster. Put the file at {root / path}, or name one that every Ray node has "
+                "by its absolute path"
+            )
+        if problems:
+            raise ConfigError("\n".join(problems))
+
+
+def _excluded(root: Path) -> Any:
+    """Ray's own test of whether a path in ``root`` is left out by WORKING_DIR_EXCLUDES."""
+    from ray._private.runtime_env.packaging import _get_excludes
+
+    return _get_excludes(root, WORKING_DIR_EXCLUDES)
+
+
+def upload_limit() -> int:
+    """The largest request body, in bytes, the dashboard's Jobs API accepts (a package)."""
+    try:
+        from ray._private.ray_constants import DASHBOARD_CLIENT_MAX_SIZE
+    except ImportError:
+        return UPLOAD_LIMIT_FALLBACK
+    return int(DASHBOARD_CLIENT_MAX_SIZE)
+
+
+def upload_sizes(working_dir: Path) -> dict[str, int]:
+    """Bytes each top-level entry of ``working_dir`` adds to the job's package, walked the
+    way Ray builds it (WORKING_DIR_EXCLUDES, then any .gitignore and .rayignore in it).
+
+    Ray stores files uncompressed in the package zip, so their sizes plus a header per file
+    (the name twice and about 80 bytes) are its size.
+    """
+    import os
+
+    from ray._private.ray_constants import RAY_RUNTIME_ENV_IGNORE_GITIGNORE
+    from ray._private.runtime_env.packaging import _dir_travel
+
+    root = working_dir.resolve()
+    sizes: dict[str, int] = {}
+
+    def add(path: Path) -> None:
+        if path == root or not (path.is_file() or (path.is_dir() and not any(path.iterdir()))):
+            return
+        relative = path.relative_to(root)
+        size = path.stat().st_size if path.is_file() else 0
+        top = relative.parts[0]
+        sizes[top] = sizes.get(top, 0) + size + 80 + 2 * len(str(relative).encode())
+
+    include_gitignore = os.environ.get(RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1"
+    _dir_travel(root, [_excluded(root)], add, include_gitignore=include_gitignore)
+    return sizes
+
+
+def check_upload_size(working_dir: Path, where: str) -> None:
+    """ConfigError unless the package of ``working_dir`` fits the Jobs API's limit, naming
+    its size, the largest entries and how to leave them out."""
+    sizes = upload_sizes(working_dir)
+    total, limit = sum(sizes.values()), upload_limit()
+    if total <= limit:
+        return
+    largest = sorted(sizes.items(), key=lambda item: -item[1])[:5]
+    shown = ", ".join(f"{name} ({_mib(size)})" for name, size in largest)
+    raise ConfigError(
+        f"{where}: the working dir {working_dir} would upload {_mib(total)}, more than the "
+        f"{_mib(limit)} the cluster's Jobs API accepts. Largest entries: {shown}. Move what "
+        "the job does not need out of the folder, or list it in a .rayignore file there "
+        "(.gitignore syntax; already left out: " + ", ".join(WORKING_DIR_EXCLUDES) + ")"
+    )
+
+
+def _mib(size: int) -> str:
+    return f"{size / 1024**2:.1f} MiB"
 
 
 def connect(address: str | None) -> Any:
@@ -89,7 +224,7 @@ def connect(address: str | None) -> Any:
     except AuthenticationError:
         raise JobsError(unauthorised(target), 1) from None
     except (ConnectionError, ValueError, RuntimeError) as error:
-        reason = _first_line(error)
+        reason = ray_error_reason(error)
         raise JobsError(f"cannot reach the Ray Jobs API at {target}: {reason}") from None
 
 
@@ -107,14 +242,20 @@ def submit(
     submission_id: str | None = None,
     metadata: dict[str, str] | None = None,
 ) -> str:
-    """Submit the sweep; returns the submission id (Ray refuses one it already has).
+    """Submit the sweep; returns the submission id.
 
-    A head node that has just started answers "No available agent to submit job, please try
-    again later" until its job agent is up: that answer is retried for up to
+    Raises AlreadySubmitted when the cluster has a job with ``submission_id`` already, and
+    JobsError (exit 2) before uploading anything when the folder is larger than the cluster
+    accepts. A head node that has just started answers "No available agent to submit job,
+    please try again later" until its job agent is up: that answer is retried for up to
     ``AGENT_WAIT_S`` seconds; every other refusal is final.
     """
     import time
 
+    try:
+        check_upload_size(job.working_dir, "submission refused")
+    except ConfigError as error:
+        raise JobsError(str(error), 2) from None
     meta = {META_CONFIG: job.config.as_posix(), **(metadata or {})}
     runtime_env = {"working_dir": str(job.working_dir), "excludes": WORKING_DIR_EXCLUDES}
     deadline = time.monotonic() + AGENT_WAIT_S
@@ -127,10 +268,20 @@ def submit(
                 metadata=meta,
             )
         except (RuntimeError, ValueError) as error:
-            if NO_AGENT_YET in str(error) and time.monotonic() < deadline:
+            text = str(error)
+            if NO_AGENT_YET in text and time.monotonic() < deadline:
                 time.sleep(2.0)
                 continue
-            raise JobsError(f"submission refused: {_first_line(error)}", 1) from None
+            if submission_id is not None and _ALREADY_EXISTS.search(text):
+                raise AlreadySubmitted(submission_id) from None
+            if "status code 413" in text:  # the size check above misjudged the package
+                raise JobsError(
+                    f"submission refused: the upload of {job.working_dir} is larger than the "
+                    f"{_mib(upload_limit())} the cluster's Jobs API accepts; leave big files "
+                    "out with a .rayignore file in that folder",
+                    2,
+                ) from None
+            raise JobsError(f"submission refused: {ray_error_reason(error)}", 1) from None
 
 
 def job_info(client: Any, job_id: str) -> Any:
@@ -142,7 +293,7 @@ def job_info(client: Any, job_id: str) -> Any:
             known = [job.submission_id for job in client.list_jobs() if job.submission_id]
             shown = ", ".join(known[-10:]) or "(none)"
             raise JobsError(f"no job {job_id!r} on this cluster; recent jobs: {shown}", 2) from None
-        raise JobsError(f"cannot ask about job {job_id!r}: {_first_line(error)}", 1) from None
+        raise JobsError(f"cannot ask about job {job_id!r}: {ray_error_reason(error)}", 1) from None
 
 
 def active_jobs(client: Any, schedule: str) -> list[Any]:
@@ -159,6 +310,23 @@ def status_text(job: Any) -> str:
     return str(getattr(job.status, "value", job.status))
 
 
-def _first_line(error: BaseException) -> str:
+def ray_error_reason(error: BaseException) -> str:
+    """The line of a Ray client error that says what went wrong.
+
+    The Jobs API answers a failed request with the server's Python traceback as the body,
+    so the client's message is "Request failed with status code 500: Traceback (most recent
+    call last): ..." with the server's own exception on the last exception line (its message
+    only is returned). Other errors are one line, returned as they are.
+    """
     text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    if not text:
+        return type(error).__name__
+    lines = [line.rstrip() for line in text.splitlines() if line.strip(" .")]
+    if "Traceback (most recent call last)" in text:
+        for line in reversed(lines):
+            match = _EXCEPTION_LINE.match(line)
+            if match:
+                return (match["message"] or match["type"]).strip()
+    # Ray's client ends the body it quotes with a "." of its own: "...: Job x does not exist.."
+    first = lines[0]
+    return first[:-1] if first.endswith("..") else first

@@ -10,7 +10,9 @@ Each fire time is acted on once:
   and :class:`~orchestration.job_history.JobHistory` records every fire time it handled, so a
   scheduler killed and restarted neither re-submits nor forgets one;
 - a schedule whose previous job is still pending or running on the cluster (asked of the Jobs
-  API, since the job runs there, not here) skips that fire time, and the skip is recorded.
+  API, since the job runs there, not here) skips that fire time, and the skip is recorded;
+- a fire time whose job the cluster already has (a scheduler killed after submitting it and
+  before recording it) is recorded as submitted, and its status is followed like any other.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from orchestration.cluster_jobs import (
     META_FIRE_TIME,
     META_SCHEDULE,
     TERMINAL_STATUSES,
+    AlreadySubmitted,
     JobsError,
     SweepJob,
     active_jobs,
@@ -44,6 +47,7 @@ logger = logging.getLogger(__name__)
 MISFIRE_GRACE_S = 3600
 STATUS_REFRESH_S = 30
 _STATUS_JOB = "__autoassign_refresh_statuses"
+FOUND_ON_CLUSTER = "already on the cluster (submitted before a restart)"
 
 
 @dataclass
@@ -82,6 +86,9 @@ def fire_schedule(name: str, fingerprint: str = "", fire_time: datetime | None =
     try:
         client = connect(context.address)
         running = active_jobs(client, name)
+        if any(job.submission_id == job_id for job in running):
+            _record(history, name, key, SUBMITTED, job_id, FOUND_ON_CLUSTER)
+            return SUBMITTED
         if running:
             previous = running[0]
             detail = f"previous job {previous.submission_id} still {status_text(previous)}"
@@ -94,10 +101,10 @@ def fire_schedule(name: str, fingerprint: str = "", fire_time: datetime | None =
             submission_id=job_id,
             metadata={META_SCHEDULE: name, META_FIRE_TIME: key},
         )
+    except AlreadySubmitted:
+        _record(history, name, key, SUBMITTED, job_id, FOUND_ON_CLUSTER)
+        return SUBMITTED
     except JobsError as error:
-        if "already exists" in str(error):  # submitted by a scheduler killed before recording
-            _record(history, name, key, SUBMITTED, job_id, "found on the cluster after a restart")
-            return SUBMITTED
         _record(history, name, key, FAILED, None, str(error))
         return FAILED
     _record(history, name, key, SUBMITTED, job_id, "")

@@ -128,10 +128,15 @@ def load_schedule_file(path: Path) -> ScheduleFile:
     """Read and check the file; ConfigError names the schedule and the field that is wrong.
 
     Relative ``working_dir`` is taken from the file's folder; each ``config`` must exist
-    inside it (that folder is what every job uploads).
+    inside it (that folder is what every job uploads), be a valid sweep with the schedule's
+    ``args`` as overrides, and find there the weight and checkpoint files it names by
+    relative path; the folder must fit the cluster's upload limit. What only the cluster can
+    see (dataset folders, absolute paths) the sweep checks when its job starts.
     """
     import yaml
     from pydantic import ValidationError
+
+    from orchestration.cluster_jobs import SweepJob, check_upload_size
 
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -161,6 +166,9 @@ def load_schedule_file(path: Path) -> ScheduleFile:
                 f"{where}: {config} is outside working_dir {parsed.working_dir}"
             ) from None
         schedule.config = config.resolve()
+        job = SweepJob(schedule.config, parsed.working_dir, tuple(schedule.args))
+        job.check_named_files(f"{path}: schedules[{index}] ({schedule.name}) field 'config'")
+    check_upload_size(parsed.working_dir, f"{path}: field 'working_dir'")  # once: one folder
     return parsed
 
 

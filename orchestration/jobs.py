@@ -6,8 +6,8 @@
     python -m orchestration.jobs history [--state PATH] [--schedule NAME]
 
 ``--address`` defaults to ``RAY_ADDRESS`` (the schedules file's ``address`` for ``schedule``).
-``submit`` uploads the current folder (``--working-dir``) without data, runs and virtualenvs,
-and runs ``python -m orchestration.sweep CONFIG`` there (see
+``submit`` uploads the current folder (``--working-dir``) without data, runs, virtualenvs and
+``.env`` files, and runs ``python -m orchestration.sweep CONFIG`` there (see
 :mod:`orchestration.cluster_jobs`); the scheduler is :mod:`orchestration.cron_runner`.
 
 Exit status: 0 done; 1 the cluster cannot be reached, or the job failed (``logs --follow``,
@@ -89,13 +89,13 @@ def run(args: argparse.Namespace) -> int:
         return _schedule(args)
     if command == "history":
         return _history(args)
-    client = connect(args.address)
     if command == "submit":
         job = SweepJob(args.config, args.working_dir, tuple(args.sweep_args))
-        job.check("submit")
-        job_id = submit(client, job, submission_id=args.submission_id)
+        job.check("submit")  # before connecting: bad input says so wherever the cluster is
+        job_id = submit(connect(args.address), job, submission_id=args.submission_id)
         print(job_id)
         return 0
+    client = connect(args.address)
     if command == "status":
         info = job_info(client, args.job_id)
         print(f"{args.job_id}: {status_text(info)}")

@@ -87,10 +87,18 @@ def test_unknown_config_and_duplicate_names(tmp_path):
         load_schedule_file(path)
 
 
+TINY_SWEEP = """\
+name: tiny
+base: {device: cpu, model: {backbone: {depth: 18, norm: gn, weights: WEIGHTS}}}
+datasets:
+  - {name: shapes, format: coco, root: data/shapes, num_classes: 1, synthetic: {images: 4}}
+"""
+
+
 def test_configs_resolve_inside_the_working_dir(tmp_path):
     project = tmp_path / "project"
     (project / "configs").mkdir(parents=True)
-    (project / "configs" / "sweep.yaml").write_text("name: a\n")
+    (project / "configs" / "sweep.yaml").write_text(TINY_SWEEP.replace("WEIGHTS", "null"))
     path = project / "schedules.yaml"
     path.write_text(
         "address: http://127.0.0.1:8265\n"
@@ -105,6 +113,41 @@ def test_configs_resolve_inside_the_working_dir(tmp_path):
     outside.write_text("name: b\n")
     path.write_text(f"schedules:\n  - {{name: n, cron: '0 2 * * *', config: {outside}}}\n")
     with pytest.raises(ConfigError, match="outside working_dir"):
+        load_schedule_file(path)
+
+
+def test_a_schedule_whose_weights_would_not_travel_with_its_job_is_refused(tmp_path):
+    """The job runs in the uploaded folder: a weights file the sweep names by relative path
+    must be in it, or every trial of every fire time would fail on the cluster."""
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "sweep.yaml").write_text(
+        TINY_SWEEP.replace("WEIGHTS", "pretrained/R-18.pkl")
+    )
+    path = tmp_path / "schedules.yaml"
+    path.write_text(
+        "schedules:\n"
+        "  - {name: ok, cron: '0 1 * * *', config: configs/sweep.yaml,\n"
+        "     args: ['base.model.backbone.weights=/nodes/R-18.pkl']}\n"
+        "  - {name: nightly, cron: '0 2 * * *', config: configs/sweep.yaml, args: [--dry-run]}\n"
+    )
+    with pytest.raises(ConfigError) as raised:
+        load_schedule_file(path)
+    assert str(raised.value) == (
+        f"{path}: schedules[1] (nightly) field 'config': configs/sweep.yaml: "
+        "model.backbone.weights pretrained/R-18.pkl of datasets.0 (shapes) is not in the "
+        f"uploaded folder {tmp_path.resolve()}: the job runs there, so its trials would fail "
+        f"on the cluster. Put the file at {tmp_path.resolve() / 'pretrained' / 'R-18.pkl'}, "
+        "or name one that every Ray node has by its absolute path"
+    )
+    (tmp_path / "pretrained").mkdir()
+    (tmp_path / "pretrained" / "R-18.pkl").write_bytes(b"weights")
+    assert [s.name for s in load_schedule_file(path).schedules] == ["ok", "nightly"]
+    # A bad override in a schedule's args is found at start too.
+    path.write_text(
+        "schedules:\n"
+        "  - {name: n, cron: '0 1 * * *', config: configs/sweep.yaml, args: [bogus.key=1]}\n"
+    )
+    with pytest.raises(ConfigError, match=r"schedules\[0\] \(n\) field 'config': .*bogus"):
         load_schedule_file(path)
 
 
