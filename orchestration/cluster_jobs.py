@@ -3,8 +3,8 @@
 A sweep job runs ``python -m orchestration.sweep CONFIG`` as the job's driver on the head
 node, with the project folder (the current directory by default) uploaded as the runtime
 environment's ``working_dir``, so the cluster runs the code and configs the user has, without
-their datasets, runs and virtualenvs. Inside the job Ray sets ``RAY_ADDRESS``, so the sweep
-joins the cluster instead of starting a Ray of its own.
+their datasets, runs, virtualenvs and ``.env`` files. Inside the job Ray sets ``RAY_ADDRESS``,
+so the sweep joins the cluster instead of starting a Ray of its own.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ UPLOAD_LIMIT_FALLBACK = 100 * 1024**2
 
 # Ray's refusal of a submission id it already has: "Job with submission_id X already exists."
 _ALREADY_EXISTS = re.compile(r"submission_id \S+ already exists")
-# The last line of a Python traceback: "ValueError: message", "pkg.mod.SomeError: message".
+# The exception line that ends a Python traceback: "ValueError: msg", "pkg.mod.SomeError: msg".
 _EXCEPTION_LINE = re.compile(r"^(?P<type>[A-Za-z_][\w.]*)(?::[ \t]?(?P<message>.*))?$")
 
 

@@ -8,7 +8,9 @@
   restartable on the same port for the outage test (SQLite when no PostgreSQL is installed;
   ``test_stack_tracking.py`` then skips, or fails under ``.ci/run``);
 - a Ray head started with ``ray start`` (2 CPUs, dashboard and Jobs API on 127.0.0.1); sweeps
-  reach it through ``RAY_ADDRESS``, Ray Jobs through its dashboard URL.
+  reach it through ``RAY_ADDRESS``, Ray Jobs through its dashboard URL. It runs on a "cluster
+  python" that has the project installed as the Docker image has it (not editable), so a job
+  imports only the code it uploads or the installed copy, never the checkout.
 
 Starting Ray (~25 s) and MLflow (~17 s) once per session keeps the suite within CI's time.
 """
@@ -213,12 +215,15 @@ def postgres() -> Iterator[Postgres | None]:
 
 def compose_mlflow_flags() -> dict[str, str]:
     """``--backend-store-uri`` and ``--artifacts-destination`` of the compose file's mlflow
-    service, as written there (with ``${...}`` placeholders)."""
-    command = yaml.safe_load(COMPOSE_FILE.read_text())["services"]["mlflow"]["command"]
-    flags = {}
-    for flag in ("--backend-store-uri", "--artifacts-destination"):
-        flags[flag] = command[command.index(flag) + 1]
-    return flags
+    service, as written there (with ``${...}`` placeholders). The store URI holds the
+    database password, so the compose file gives it as MLFLOW_BACKEND_STORE_URI, the
+    variable ``mlflow server`` reads for that flag."""
+    service = yaml.safe_load(COMPOSE_FILE.read_text())["services"]["mlflow"]
+    command = service["command"]
+    return {
+        "--backend-store-uri": service["environment"]["MLFLOW_BACKEND_STORE_URI"],
+        "--artifacts-destination": command[command.index("--artifacts-destination") + 1],
+    }
 
 
 @pytest.fixture(scope="session")
@@ -255,25 +260,77 @@ class RayCluster:
     """What a client of this cluster needs in its environment (loopback, auth token)."""
     dashboard_url: str
     """The dashboard and its Jobs API (what ``orchestration.jobs --address`` takes)."""
+    python: Path
+    """The interpreter of the head, its workers and job drivers (see :func:`cluster_python`)."""
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cluster_python(folder: Path) -> Path:
+    """A Python for the Ray head that imports the project the way the Docker image does.
+
+    The session's virtualenv has the project installed editable: its ``__editable__`` finder,
+    loaded by a ``.pth`` file, serves ``autoassign.*`` from the checkout, and so would fill
+    in any module a job's upload left out. This virtualenv has no packages of its own but a
+    non-editable install of a copy of the project; a ``.pth`` line adds the session's
+    site-packages for everything else (the same Ray, torch and MLflow), and a path line does
+    not run that folder's own ``.pth`` files, so the editable finder never loads.
+
+    Returns the virtualenv's ``bin`` folder (its ``python`` is what job drivers run).
+    """
+    import sysconfig
+
+    venv = folder / "cluster-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    ask = [
+        str(venv / "bin" / "python"),
+        "-c",
+        "import sysconfig; print(sysconfig.get_path('purelib'))",
+    ]
+    site_packages = Path(
+        subprocess.run(ask, check=True, capture_output=True, text=True).stdout.strip()
+    )
+    session_site_packages = sysconfig.get_path("purelib")
+    (site_packages / "session-venv.pth").write_text(f"{session_site_packages}\n")
+    source = folder / "project"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for name in ("autoassign", "orchestration"):
+        shutil.copytree(REPO / name, source / name, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--no-index", "--target", str(site_packages), str(source)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    return venv / "bin"
 
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory, s3_server) -> Iterator[RayCluster]:
     port = free_port()
+    cluster_bin = cluster_python(tmp_path_factory.mktemp("cluster-python"))
     # `ray start` with token authentication refuses to run without a token; a fresh machine
     # has none in ~/.ray, so the session writes its own and hands it to every client.
     token = tmp_path_factory.mktemp("ray") / "auth_token"
     token.write_text(secrets.token_hex(32))
     client_env = {**RAY_LOOPBACK_ENV, "RAY_AUTH_TOKEN_PATH": str(token)}
-    # Job drivers run `python` from the head's PATH: this session's virtualenv.
-    path = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    # Job drivers run `python` from the head's PATH: the cluster python. Ray's own processes
+    # and its workers run the interpreter that started the head: the same.
+    path = f"{cluster_bin}{os.pathsep}{os.environ.get('PATH', '')}"
     env = {**os.environ, **s3_server.env, **client_env, "PATH": path}
-    for inherited in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-        env.pop(inherited, None)  # job drivers get the head's environment
+    for inherited in (
+        "RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI",  # job drivers get these
+        "PYTHONPATH", "VIRTUAL_ENV",  # could lead the cluster's imports back to the checkout
+    ):  # fmt: skip
+        env.pop(inherited, None)
     dashboard_port = free_port()
     subprocess.run(
         [
-            str(VENV_BIN / "ray"),
+            str(cluster_bin / "python"),
+            "-m",
+            "ray.scripts.scripts",
             "start",
             "--head",
             "--node-ip-address",
@@ -302,7 +359,12 @@ def ray_cluster(tmp_path_factory, s3_server) -> Iterator[RayCluster]:
     dashboard_url = f"http://127.0.0.1:{dashboard_port}"
     auth = {"Authorization": f"Bearer {token.read_text()}"}  # the dashboard wants it too
     wait_for_http(f"{dashboard_url}/api/version", timeout=120, headers=auth)
-    yield RayCluster(address=f"127.0.0.1:{port}", env=client_env, dashboard_url=dashboard_url)
+    yield RayCluster(
+        address=f"127.0.0.1:{port}",
+        env=client_env,
+        dashboard_url=dashboard_url,
+        python=cluster_bin / "python",
+    )
     subprocess.run(
         [str(VENV_BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120
     )

@@ -1,9 +1,14 @@
 """Sweeps as Ray Jobs on the session's real ``ray start --head`` (its dashboard's Jobs API):
 ``orchestration.jobs submit/status/logs/list/stop``, and the scheduler on a per-second
-schedule, killed and restarted, against the same cluster and MLflow server."""
+schedule, killed and restarted, against the same cluster and MLflow server.
+
+The head runs the conftest's "cluster python", with the project installed as in the Docker
+image: a job runs the code it uploaded, and nothing from the checkout fills in what the
+upload left out (the first test shows it)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -16,6 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from orchestration.cluster_jobs import TERMINAL_STATUSES, ray_error_reason
+from orchestration.cron_runner import FOUND_ON_CLUSTER, submission_id
 from orchestration.job_history import SKIPPED, SUBMITTED, JobHistory
 from tests.integration.conftest import synthetic, tiny_sweep
 
@@ -75,6 +82,53 @@ def wait_for(condition, timeout: float, what: str):
             return value
         time.sleep(0.5)
     raise TimeoutError(what)
+
+
+PROBE = """
+import json, sys
+import ray
+
+
+def where():
+    import autoassign
+
+    try:
+        import autoassign.data
+        data = autoassign.data.__file__
+    except ModuleNotFoundError:
+        data = None
+    return {"python": sys.executable, "autoassign": autoassign.__file__, "data": data,
+            "path": sys.path}
+
+
+ray.init()
+worker = ray.get(ray.remote(where).remote())
+print("PROBE " + json.dumps({"driver": where(), "worker": worker}))
+"""
+
+
+def test_a_job_imports_nothing_from_the_checkout(ray_cluster, tmp_path):
+    """A job whose upload has an ``autoassign`` package without ``data/`` (what the old
+    excludes uploaded) cannot import ``autoassign.data``, in its driver or its Ray workers:
+    the cluster runs as the image does, where the upload is all there is."""
+    upload = tmp_path / "upload"
+    (upload / "autoassign").mkdir(parents=True)
+    (upload / "autoassign" / "__init__.py").write_text("")
+    (upload / "probe.py").write_text(PROBE)
+    client = client_for(ray_cluster)
+    job_id = client.submit_job(
+        entrypoint="python probe.py", runtime_env={"working_dir": str(upload)}
+    )
+    wait_for(lambda: client.get_job_status(job_id).value in TERMINAL_STATUSES, 180, "no end")
+    logs = client.get_job_logs(job_id)
+    assert client.get_job_status(job_id).value == "SUCCEEDED", logs[-3000:]
+    (line,) = [line for line in logs.splitlines() if line.startswith("PROBE ")]
+    for side, seen in json.loads(line.removeprefix("PROBE ")).items():
+        assert Path(seen["python"]) == ray_cluster.python, side
+        assert seen["data"] is None, f"{side} found autoassign.data at {seen['data']}"
+        assert not Path(seen["autoassign"]).is_relative_to(REPO), side
+        assert "_ray_pkg_" in seen["autoassign"], side  # the uploaded package, unpacked
+        assert not [p for p in seen["path"] if p and Path(p).resolve() == REPO], side
 
 
 def test_a_submitted_sweep_job_succeeds_with_its_mlflow_runs(project, ray_cluster, mlflow_server):
@@ -227,3 +281,83 @@ def test_the_scheduler_submits_each_fire_time_once_and_skips_while_a_job_runs(
     assert shown.returncode == 0, shown.stderr
     assert submitted[0] in shown.stdout and "STOPPED" in shown.stdout
     assert shown.stdout.count("skipped") == len(skips)
+
+
+FIRE = """
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from orchestration import cron_runner
+from orchestration.cron_schedules import load_schedule_file
+from orchestration.job_history import JobHistory
+
+schedules = load_schedule_file(Path(sys.argv[1]))
+# What run_scheduler sets up before APScheduler calls fire_schedule at a fire time.
+cron_runner._context = cron_runner._Context(
+    schedules, JobHistory(Path(sys.argv[2])), schedules.address
+)
+print(cron_runner.fire_schedule(sys.argv[3], fire_time=datetime.fromisoformat(sys.argv[4])))
+"""
+
+
+def test_a_fire_time_the_cluster_already_has_is_recorded_as_submitted_and_followed(
+    project, ray_cluster, tmp_path
+):
+    """A scheduler killed after submitting a fire time's job and before recording it finds
+    that job on restart: Ray refuses the submission id a second time, and the fire time is
+    recorded as submitted (not failed) and its final status followed."""
+    address = ["--address", ray_cluster.dashboard_url]
+    when = datetime(2030, 1, 1, 2, 0, tzinfo=timezone.utc)
+    job_id = submission_id("it-restarted", when)
+    config = str(project / "configs" / "job_sweep.yaml")
+    submit = ("submit", config, "--working-dir", str(project), "--submission-id", job_id,
+              *address, "--", "--dry-run")  # fmt: skip
+    first = jobs(ray_cluster, *submit)
+    assert first.returncode == 0, first.stderr
+    again = jobs(ray_cluster, *submit)
+    assert again.returncode == 1 and "Traceback" not in again.stderr
+    assert f"the cluster already has a job with submission id {job_id!r}" in again.stderr
+
+    # Ray's own words: the first line of the error is a server traceback's first line.
+    client = client_for(ray_cluster)
+    with pytest.raises(RuntimeError) as refused:
+        client.submit_job(entrypoint="true", submission_id=job_id)
+    text = str(refused.value)
+    assert text.splitlines()[0] == (
+        "Request failed with status code 500: Traceback (most recent call last):"
+    )
+    assert ray_error_reason(refused.value) == (
+        f"Job with submission_id {job_id} already exists. Please use a different submission_id."
+    )
+    wait_for(lambda: client.get_job_status(job_id).value in TERMINAL_STATUSES, 180, "no end")
+    final = client.get_job_status(job_id).value
+
+    schedules = project / "restarted.yaml"
+    schedules.write_text(
+        yaml.safe_dump(
+            {
+                "address": ray_cluster.dashboard_url,
+                "schedules": [
+                    {"name": "it-restarted", "cron": "0 2 1 1 *",
+                     "config": "configs/job_sweep.yaml", "args": ["--dry-run"]},
+                ],
+            }
+        )
+    )  # fmt: skip
+    state = tmp_path / "state.db"
+    env = {**os.environ, **ray_cluster.env}
+    env.pop("RAY_ADDRESS", None)
+    fired = subprocess.run(
+        [sys.executable, "-c", FIRE, str(schedules), str(state), "it-restarted",
+         when.isoformat()],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert fired.returncode == 0, fired.stderr[-3000:]
+    assert fired.stdout.strip().splitlines()[-1] == SUBMITTED, fired.stdout
+    (event,) = JobHistory(state).events()
+    assert (event.action, event.job_id, event.detail) == (SUBMITTED, job_id, FOUND_ON_CLUSTER)
+    shown = jobs(ray_cluster, "history", "--state", str(state), *address)
+    assert shown.returncode == 0, shown.stderr
+    (event,) = JobHistory(state).events()
+    assert event.final_status == final

@@ -265,7 +265,8 @@ def test_mlflow_keeps_runs_in_postgres_and_proxies_artifacts_to_s3(resolved):
     mlflow = resolved["services"]["mlflow"]
     command = mlflow["command"]
     assert isinstance(command, list) and command[:2] == ["mlflow", "server"]
-    store = command[command.index("--backend-store-uri") + 1]
+    assert "--backend-store-uri" not in command  # it holds the password: see the next test
+    store = mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"]
     assert re.fullmatch(r"postgresql://[^:@/]+:[^@/]+@postgres:5432/\w+", store), store
     env = _env_file(ENV_EXAMPLE)
     destination = command[command.index("--artifacts-destination") + 1]
@@ -281,6 +282,33 @@ def test_mlflow_keeps_runs_in_postgres_and_proxies_artifacts_to_s3(resolved):
     assert resolved["services"]["scheduler"]["environment"]["RAY_ADDRESS"] == (
         "http://ray-head:8265"
     )
+
+
+def _command_lines(service: dict) -> list[str]:
+    """What the service's processes get as arguments (which ``ps`` shows on the host)."""
+    lines = []
+    for key in ("entrypoint", "command"):
+        value = service.get(key) or []
+        lines += [value] if isinstance(value, str) else [str(word) for word in value]
+    lines += [str(word) for word in service.get("healthcheck", {}).get("test", [])]
+    return lines
+
+
+def test_no_secret_is_on_a_command_line(resolved):
+    """Every credential reaches its process through the environment; on the host, anyone
+    can read a container's command lines (``ps``, ``docker inspect``'s Args, logs of
+    crashed commands). MLflow reads the backend store URI from MLFLOW_BACKEND_STORE_URI."""
+    from mlflow.cli import server
+
+    secrets = {k: v for k, v in _env_file(ENV_EXAMPLE).items() if SECRET_NAME.search(k)}
+    for name, service in resolved["services"].items():
+        words = " ".join(_command_lines(service))
+        for key, value in secrets.items():
+            assert value not in words, f"{name}: {key}'s value is on its command line"
+    store = resolved["services"]["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"]
+    assert secrets["POSTGRES_PASSWORD"] in store
+    option = next(p for p in server.params if p.name == "backend_store_uri")
+    assert option.envvar == "MLFLOW_BACKEND_STORE_URI"  # the installed MLflow's server reads it
 
 
 def test_no_secret_is_written_in_the_compose_file():
@@ -332,17 +360,52 @@ def test_dockerfile_runs_as_non_root_with_install_sh_pins():
             assert not SECRET_NAME.search(line), f"a credential in the image: {line}"
 
 
-def test_the_example_schedule_loads_as_the_scheduler_service_reads_it():
+def test_the_example_schedule_loads_as_the_scheduler_service_reads_it(tmp_path):
     """schedules/schedules.yaml is valid for ``orchestration.jobs schedule``, targets the
     stack's head, uploads the project folder (/app in the image) and keeps checkpoints in the
-    stack's checkpoint bucket, which every worker container can reach."""
+    stack's checkpoint bucket, which every worker container can reach, once the folder has
+    the ImageNet weights its recipes name (below: a copy of the project that has them)."""
     from orchestration.cron_schedules import load_schedule_file
 
-    schedules = load_schedule_file(SCHEDULES)
+    project = tmp_path / "app"
+    for folder in ("configs", "schedules"):
+        shutil.copytree(ROOT / folder, project / folder)
+    (project / "pretrained").mkdir()
+    (project / "pretrained" / "R-50.pkl").write_bytes(b"weights")
+    schedules = load_schedule_file(project / "schedules" / "schedules.yaml")
     assert schedules.address == "http://ray-head:8265"
-    assert schedules.working_dir == ROOT
+    assert schedules.working_dir == project
     nightly = schedules.schedule("nightly-multi-dataset")
     assert nightly.cron == "0 2 * * *"
-    assert nightly.config == ROOT / "configs" / "multi_dataset.yaml"
+    assert nightly.config == project / "configs" / "multi_dataset.yaml"
     bucket = _env_file(ENV_EXAMPLE)["CHECKPOINT_BUCKET"]
     assert any(arg.startswith(f"storage.path=s3://{bucket}/") for arg in nightly.args)
+
+
+def test_the_image_cannot_run_the_example_schedule_and_the_scheduler_says_why(tmp_path):
+    """The image copies no pretrained/ folder, and the nightly sweep's recipes start from
+    pretrained/R-50.pkl: the scheduler refuses to start (exit 2), naming the schedule, the
+    config, the field and the file, instead of submitting a job whose trials all fail."""
+    import sys
+
+    dockerfile = DOCKERFILE.read_text()
+    copied = re.findall(r"^COPY\s+(\S+)", dockerfile, flags=re.MULTILINE)
+    assert not [source for source in copied if source.startswith("pretrained")]
+    project = tmp_path / "app"  # what the image's /app holds, and the schedules mount
+    for source in copied:
+        if (ROOT / source).is_dir():
+            shutil.copytree(ROOT / source, project / source, dirs_exist_ok=True)
+    shutil.copytree(ROOT / "schedules", project / "schedules")
+    result = subprocess.run(
+        [sys.executable, "-m", "orchestration.jobs", "schedule",
+         str(project / "schedules" / "schedules.yaml"), "--state", str(tmp_path / "s.db")],
+        cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert (
+        "schedules[0] (nightly-multi-dataset) field 'config': configs/multi_dataset.yaml: "
+        "model.backbone.weights pretrained/R-50.pkl of datasets.0 (coco), datasets.1 (voc0712), "
+        "datasets.2 (objects365), datasets.3 (widerface) is not in the uploaded folder"
+    ) in result.stderr
+    assert not (tmp_path / "s.db").exists()  # nothing was scheduled
