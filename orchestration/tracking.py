@@ -5,9 +5,10 @@ parent runs and leave runs RUNNING when a driver dies. This layer instead:
 
 - finds runs by tags (``autoassign.sweep_id``, ``autoassign.trial_id``), so a restarted trial
   or a resumed sweep continues its own run instead of opening a second one;
-- buffers metrics and retries them (:class:`MetricBuffer`), so a tracking server that is down
-  for a while loses nothing (bound: :data:`MAX_BUFFERED_POINTS` points, and a final flush that
-  keeps retrying for ``flush_timeout`` seconds, 300 by default);
+- waits out a tracking server that is down: every call is retried for up to
+  :data:`OUTAGE_WAIT_S` seconds (one setting for trial start and the final metric flush), and
+  metrics are buffered and retried (:class:`MetricBuffer`), so an outage loses nothing (bound:
+  :data:`MAX_BUFFERED_POINTS` points);
 - ends each run FINISHED, FAILED (with ``autoassign.failure_reason``) or KILLED (early-stopped
   trials tagged ``autoassign.early_stopped``);
 - never logs a secret: URIs are logged with their credentials removed (:func:`redact`).
@@ -18,12 +19,13 @@ state, so many trials in one process do not step on each other.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -39,6 +41,10 @@ TAG_METRIC = "autoassign.metric"  # the metric that ranks the dataset's trials
 TAG_CHECKPOINT = "autoassign.checkpoint_uri"
 TAG_KIND = "autoassign.kind"  # "sweep" or "trial"
 TAG_FAILURE = "autoassign.failure_reason"
+# A FAILED trial run that no restart can fix ("true": its loss went non-finite) ...
+TAG_FAILURE_FINAL = "autoassign.failure_final"
+# ... or that failed under a trial driver of this launch of the sweep (see trial.py).
+TAG_FAILURE_LAUNCH = "autoassign.failure_launch"
 TAG_EARLY_STOPPED = "autoassign.early_stopped"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_RUN_NAME = "mlflow.runName"
@@ -48,6 +54,11 @@ MODEL_TRAINING_KIND = "custom_model_development"
 SHARED_VIEW_PREFIX = "mlflow.sharedViewState."
 VIEW_URL_PARAMETER = "viewStateShareKey"
 RUNS_VIEW_KEY = "autoassign-sweep"
+
+OUTAGE_WAIT_S = 300.0
+"""How long an unreachable tracking server is waited out before a call gives up: a trial's
+start (finding or opening its run), every :class:`Tracker` call and the final flush of a
+trial's buffered metrics all use this one bound."""
 
 MAX_BUFFERED_POINTS = 200_000
 """Metric points kept while the server is unreachable; beyond this the oldest are dropped
@@ -108,7 +119,31 @@ def quiet_client_retries() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
 
 
-def with_retries(call: Callable[[], T], *, what: str, timeout: float = 300.0) -> T:
+@contextlib.contextmanager
+def fail_fast_requests() -> Iterator[None]:
+    """Inside the block, each MLflow HTTP call tries once and gives up within seconds.
+
+    For code that must not block (Ray Tune's callbacks run in its event loop) and retries
+    later itself. MLflow reads these variables on every request; they are put back after.
+    """
+    fast = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    }
+    saved = {name: os.environ.get(name) for name in fast}
+    os.environ.update(fast)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def with_retries(call: Callable[[], T], *, what: str, timeout: float = OUTAGE_WAIT_S) -> T:
     """``call()``, retried with backoff for up to ``timeout`` seconds on any error."""
     deadline = time.monotonic() + timeout
     delay = 1.0
@@ -164,7 +199,7 @@ class MetricBuffer:
             self.last_error = None
         return True
 
-    def close(self, *, timeout: float = 300.0) -> None:
+    def close(self, *, timeout: float = OUTAGE_WAIT_S) -> None:
         """Flush, retrying for up to ``timeout`` seconds; raise if the server never answers."""
         deadline = time.monotonic() + timeout
         while not self.flush():
@@ -185,17 +220,27 @@ class Tracker:
     """The sweep's view of one MLflow experiment."""
 
     def __init__(
-        self, tracking_uri: str, experiment_name: str, *, artifact_location: str | None = None
+        self,
+        tracking_uri: str,
+        experiment_name: str,
+        *,
+        artifact_location: str | None = None,
+        wait: float = OUTAGE_WAIT_S,
     ):
         """``artifact_location``: where a new experiment keeps artifacts (None: the server's
-        default, e.g. its ``--artifacts-destination``)."""
+        default, e.g. its ``--artifacts-destination``); ``wait``: how long each call (this
+        one's experiment lookup included) waits out an unreachable server before it raises."""
         from mlflow.tracking import MlflowClient
 
         self.tracking_uri = tracking_uri
         self.artifact_location = artifact_location
+        self.wait = wait
         self.client = MlflowClient(tracking_uri)
         self.experiment_name = experiment_name
-        self.experiment_id = with_retries(self._experiment_id, what="experiment lookup", timeout=60)
+        self.experiment_id = self._retried(self._experiment_id, "experiment lookup")
+
+    def _retried(self, call: Callable[[], T], what: str, timeout: float | None = None) -> T:
+        return with_retries(call, what=what, timeout=self.wait if timeout is None else timeout)
 
     def _experiment_id(self) -> str:
         found = self.client.get_experiment_by_name(self.experiment_name)
@@ -215,16 +260,22 @@ class Tracker:
 
     # ---- finding --------------------------------------------------------------------------
 
-    def find_runs(self, **tags: str) -> list[Any]:
-        """Runs of this experiment carrying every ``tag=value`` (keys as in ``TAG_*``)."""
+    def find_runs(self, *, timeout: float | None = None, **tags: str) -> list[Any]:
+        """Runs of this experiment carrying every ``tag=value`` (keys as in ``TAG_*``);
+        ``timeout``: how long to wait out an unreachable server (default :attr:`wait`)."""
         clauses = [f"tags.`{key}` = '{value}'" for key, value in tags.items()]
-        return with_retries(
+        return self._retried(
             lambda: self.client.search_runs(
                 [self.experiment_id], filter_string=" and ".join(clauses), max_results=1000
             ),
-            what="run search",
-            timeout=60,
+            "run search",
+            timeout,
         )
+
+    def find_trial_run(self, sweep_id: str, trial_id: str) -> Any | None:
+        """The MLflow run of a sweep's trial, or None before its first start."""
+        runs = self.find_runs(**{TAG_SWEEP_ID: sweep_id, TAG_TRIAL_ID: trial_id})
+        return runs[0] if runs else None
 
     # ---- parent -----------------------------------------------------------------------------
 
@@ -234,16 +285,17 @@ class Tracker:
         if existing:
             run_id = existing[0].info.run_id
             if existing[0].info.status != "RUNNING":
-                self.client.update_run(run_id, status="RUNNING")
+                self._retried(
+                    lambda: self.client.update_run(run_id, status="RUNNING"), "run reopen"
+                )
             return run_id
-        run = with_retries(
+        run = self._retried(
             lambda: self.client.create_run(
                 self.experiment_id,
                 run_name=name,
                 tags={TAG_SWEEP_ID: sweep_id, TAG_KIND: "sweep", **tags},
             ),
-            what="run creation",
-            timeout=60,
+            "run creation",
         )
         return run.info.run_id
 
@@ -261,12 +313,15 @@ class Tracker:
         dataset_input: DatasetInput | None = None,
         extra_tags: Mapping[str, str] | None = None,
     ) -> str:
-        """The trial's child run id: found by tags when it exists (a restart), else created."""
-        existing = self.find_runs(**{TAG_SWEEP_ID: sweep_id, TAG_TRIAL_ID: trial_id})
-        if existing:
-            run_id = existing[0].info.run_id
-            if existing[0].info.status != "RUNNING":
-                self.client.update_run(run_id, status="RUNNING")
+        """The trial's child run id: found by tags when it exists (a restart), else created.
+
+        A found run that had ended is RUNNING again, without the failure tags of its end.
+        """
+        existing = self.find_trial_run(sweep_id, trial_id)
+        if existing is not None:
+            run_id = existing.info.run_id
+            if existing.info.status != "RUNNING":
+                self._reopen(existing)
             return run_id
         tags = {
             TAG_SWEEP_ID: sweep_id,
@@ -276,10 +331,9 @@ class Tracker:
             TAG_PARENT: parent_run_id,
             **(extra_tags or {}),
         }
-        run = with_retries(
+        run = self._retried(
             lambda: self.client.create_run(self.experiment_id, run_name=name, tags=tags),
-            what="run creation",
-            timeout=60,
+            "run creation",
         )
         run_id = run.info.run_id
         self.log_params(run_id, params)
@@ -287,16 +341,20 @@ class Tracker:
             self.log_dataset(run_id, dataset_input)
         return run_id
 
+    def _reopen(self, run: Any) -> None:
+        run_id = run.info.run_id
+        for key in (TAG_FAILURE, TAG_FAILURE_FINAL, TAG_FAILURE_LAUNCH):
+            if key in run.data.tags:
+                self._retried(lambda key=key: self.client.delete_tag(run_id, key), "tag removal")
+        self._retried(lambda: self.client.update_run(run_id, status="RUNNING"), "run reopen")
+
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, v) for k, v in sorted(safe_params(params).items())]
         for start in range(0, len(items), 100):
             chunk = items[start : start + 100]
-            with_retries(
-                lambda chunk=chunk: self.client.log_batch(run_id, params=chunk),
-                what="params",
-            )
+            self._retried(lambda chunk=chunk: self.client.log_batch(run_id, params=chunk), "params")
 
     def log_dataset(self, run_id: str, dataset: DatasetInput) -> None:
         """The dataset as an MLflow dataset input (the runs table's Dataset column)."""
@@ -310,32 +368,45 @@ class Tracker:
             source=dataset.source,
         )
         tags = [InputTag(key="mlflow.data.context", value=dataset.context)]
-        with_retries(
+        self._retried(
             lambda: self.client.log_inputs(run_id, [MlflowDatasetInput(entity, tags)]),
-            what="dataset input",
+            "dataset input",
         )
 
-    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+    def set_tags(
+        self, run_id: str, tags: Mapping[str, str], *, timeout: float | None = None
+    ) -> None:
         for key, value in tags.items():
-            with_retries(
+            self._retried(
                 lambda key=key, value=value: self.client.set_tag(run_id, key, str(value)[:5000]),
-                what="tag",
+                "tag",
+                timeout,
             )
 
     def log_artifact(self, run_id: str, path: str | os.PathLike, folder: str | None = None) -> None:
-        with_retries(
-            lambda: self.client.log_artifact(run_id, str(path), folder), what="artifact upload"
+        self._retried(
+            lambda: self.client.log_artifact(run_id, str(path), folder), "artifact upload"
         )
 
-    def end_run(self, run_id: str, status: str, *, reason: str | None = None) -> None:
-        """End a run as FINISHED, FAILED (``reason`` tagged) or KILLED."""
-        if reason:
-            self.set_tags(run_id, {TAG_FAILURE: reason})
-        with_retries(lambda: self.client.set_terminated(run_id, status=status), what="run end")
+    def end_run(
+        self,
+        run_id: str,
+        status: str,
+        *,
+        reason: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """End a run as FINISHED, FAILED (``reason`` tagged) or KILLED, with ``tags`` set
+        first; ``timeout``: how long each call waits out an unreachable server."""
+        extra = {**(tags or {}), **({TAG_FAILURE: reason} if reason else {})}
+        if extra:
+            self.set_tags(run_id, extra, timeout=timeout)
+        self._retried(lambda: self.client.set_terminated(run_id, status=status), "run end", timeout)
 
     def failure_reason(self, run_id: str) -> str | None:
         """The reason tagged on a FAILED run; None when the run has not failed."""
-        run = with_retries(lambda: self.client.get_run(run_id), what="run lookup")
+        run = self._retried(lambda: self.client.get_run(run_id), "run lookup")
         if run.info.status != "FAILED":
             return None
         return run.data.tags.get(TAG_FAILURE, "the trial failed")
@@ -368,22 +439,22 @@ class Tracker:
         the searched ``params`` and the protocols' key ``metrics`` as columns.
         :meth:`runs_table_url` with ``with_view`` opens it.
         """
-        experiment = with_retries(
-            lambda: self.client.get_experiment(self.experiment_id), what="experiment lookup"
+        experiment = self._retried(
+            lambda: self.client.get_experiment(self.experiment_id), "experiment lookup"
         )
         if TAG_EXPERIMENT_KIND not in experiment.tags:
-            with_retries(
+            self._retried(
                 lambda: self.client.set_experiment_tag(
                     self.experiment_id, TAG_EXPERIMENT_KIND, MODEL_TRAINING_KIND
                 ),
-                what="experiment tag",
+                "experiment tag",
             )
         view = json.dumps(runs_view_state(metrics, params))
-        with_retries(
+        self._retried(
             lambda: self.client.set_experiment_tag(
                 self.experiment_id, SHARED_VIEW_PREFIX + RUNS_VIEW_KEY, view
             ),
-            what="experiment tag",
+            "experiment tag",
         )
 
 

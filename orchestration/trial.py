@@ -6,23 +6,43 @@ pattern is used: the Tune trainable (:func:`run_trial`) builds the trial's
 ``TorchTrainer.fit()`` with ``TuneReportCallback``, which forwards every worker report to
 Tune (and so to the scheduler). The Train run is named after the trial, so a trial started
 again (a retried error, a resumed sweep) continues from the last checkpoint in storage.
+
+Restarts. Ray Train replaces the trial's workers (``resources.max_failures`` times); the
+driver itself runs beside Train's controller, so losing the driver's node (or its process)
+takes both, and Ray Tune then starts the trial again (:func:`trial_failure_config`, the same
+number of times): the new driver's ``TorchTrainer`` restores the last checkpoint Train
+registered, into the same MLflow run. Tune decides that by a count alone
+(``Trial.should_recover``: failures so far against ``max_failures``, whatever the error), so
+the driver refuses a restart that could only repeat a failure it already recorded
+(:func:`final_failure`), and :class:`~orchestration.run_closing.RunCloser` takes away the
+retries of a trial that reported a non-finite loss, which then ends at once.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import logging
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from orchestration.config import SweepConfig, trial_experiment
+from orchestration.tracking import OUTAGE_WAIT_S
+
+logger = logging.getLogger(__name__)
 
 DATASET_KEY = "dataset"
 """The Tune config key naming the trial's dataset; the other keys are search-space paths."""
 
+NONFINITE_KEY = "nonfinite_error"
+"""Reported by the workers instead of raising when the loss went NaN/inf (see worker.py):
+retrying would only repeat it."""
+
 
 class TrialFailure(RuntimeError):
-    """A trial that cannot succeed (its loss went non-finite); the message says why."""
+    """A trial that cannot succeed (its loss went non-finite, or a restart would repeat a
+    failure already recorded); the message says why."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +58,12 @@ class SweepContext:
     storage_endpoint: str | None
     work_dir: str
     """Absolute local folder for rank 0's files of each trial (``<work_dir>/<trial_id>``)."""
+    tracking_wait_s: float = OUTAGE_WAIT_S
+    """How long a trial waits out an unreachable tracking server: at its start and for the
+    final flush of its metrics."""
+    launch_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    """New for each run of the sweep driver (a ``--resume`` gets another): a failure that a
+    trial driver recorded under this launch is not retried by Tune within it."""
 
     def sweep_config(self) -> SweepConfig:
         return SweepConfig.model_validate(self.sweep)
@@ -70,10 +96,87 @@ def _short(value: Any) -> str:
 
 
 def trial_failure_config(sweep: SweepConfig) -> Any:
-    """Ray Tune's ``FailureConfig`` for the sweep's trials (the trial drivers)."""
+    """Ray Tune's ``FailureConfig`` for the sweep's trials (the trial drivers).
+
+    A trial whose driver died (its node lost, its process killed) is started again, up to
+    ``resources.max_failures`` times, and continues from its last Train checkpoint. Failures
+    the driver saw itself end the trial at once (see the module docstring).
+    """
     import ray.tune
 
-    return ray.tune.FailureConfig(max_failures=0)
+    return ray.tune.FailureConfig(max_failures=sweep.resources.max_failures)
+
+
+def final_failure(run: Any, launch_id: str) -> str | None:
+    """Why the trial's MLflow ``run`` must not be started again, or None when it may.
+
+    A FAILED run is final when its loss went non-finite (restored from its checkpoint, with
+    the same data order and RNG states, it would only go non-finite again), or when a driver
+    of this same launch recorded the failure: Ray Train had already spent the workers'
+    restarts on it. Failures of an earlier launch are tried again by ``--resume``.
+    """
+    from orchestration.tracking import TAG_FAILURE, TAG_FAILURE_FINAL, TAG_FAILURE_LAUNCH
+
+    if run.info.status != "FAILED":
+        return None
+    tags = run.data.tags
+    if tags.get(TAG_FAILURE_FINAL) == "true" or tags.get(TAG_FAILURE_LAUNCH) == launch_id:
+        return tags.get(TAG_FAILURE, "the trial failed")
+    return None
+
+
+def open_trial_run(
+    context: SweepContext,
+    sweep: SweepConfig,
+    *,
+    trial_id: str,
+    dataset: Any,
+    params: dict[str, Any],
+    experiment: Any,
+) -> tuple[Any, str]:
+    """The trial's tracker and MLflow run id (found again on a restart, else created).
+
+    A tracking server that is down is waited out for ``context.tracking_wait_s``. Raises
+    :class:`TrialFailure` when the run ended in a :func:`final_failure`.
+    """
+    from orchestration.tracking import (
+        TAG_FORMAT,
+        TAG_METRIC,
+        DatasetInput,
+        Tracker,
+        flatten,
+        quiet_client_retries,
+    )
+
+    quiet_client_retries()
+    tracker = Tracker(
+        context.tracking_uri,
+        sweep.tracking.experiment or sweep.name,
+        wait=context.tracking_wait_s,
+    )
+    existing = tracker.find_trial_run(context.sweep_id, trial_id)
+    if existing is not None:
+        reason = final_failure(existing, context.launch_id)
+        if reason is not None:
+            raise TrialFailure(f"not started again: {reason}")
+    all_params = {
+        **flatten(experiment.model_dump(mode="json")),
+        "dataset": dataset.name,
+        **{f"search.{k}": v for k, v in params.items()},
+    }
+    run_id = tracker.trial_run(
+        sweep_id=context.sweep_id,
+        parent_run_id=context.parent_run_id or "",
+        trial_id=trial_id,
+        name=trial_label(dataset.name, params),
+        dataset=dataset.name,
+        params=all_params,
+        dataset_input=DatasetInput.describe(
+            dataset.name, str(dataset.root), dataset.format, dataset.train_split
+        ),
+        extra_tags={TAG_FORMAT: dataset.format, TAG_METRIC: dataset.ranking_metric},
+    )
+    return tracker, run_id
 
 
 def train_run_name(sweep_id: str, trial_id: str) -> str:
@@ -91,16 +194,8 @@ def run_trial(tune_config: dict[str, Any], context: SweepContext) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from orchestration.storage import Storage
-    from orchestration.tracking import (
-        TAG_CHECKPOINT,
-        TAG_FORMAT,
-        TAG_METRIC,
-        DatasetInput,
-        Tracker,
-        flatten,
-        quiet_client_retries,
-    )
-    from orchestration.worker import NONFINITE_KEY, train_loop
+    from orchestration.tracking import TAG_CHECKPOINT, TAG_FAILURE_FINAL, TAG_FAILURE_LAUNCH
+    from orchestration.worker import train_loop
 
     sweep = context.sweep_config()
     dataset = sweep.dataset(tune_config[DATASET_KEY])
@@ -111,24 +206,13 @@ def run_trial(tune_config: dict[str, Any], context: SweepContext) -> None:
 
     tracker = run_id = None
     if context.tracking_uri is not None:
-        quiet_client_retries()
-        tracker = Tracker(context.tracking_uri, sweep.tracking.experiment or sweep.name)
-        all_params = {
-            **flatten(experiment.model_dump(mode="json")),
-            "dataset": dataset.name,
-            **{f"search.{k}": v for k, v in params.items()},
-        }
-        run_id = tracker.trial_run(
-            sweep_id=context.sweep_id,
-            parent_run_id=context.parent_run_id or "",
+        tracker, run_id = open_trial_run(
+            context,
+            sweep,
             trial_id=trial_id,
-            name=trial_label(dataset.name, params),
-            dataset=dataset.name,
-            params=all_params,
-            dataset_input=DatasetInput.describe(
-                dataset.name, str(dataset.root), dataset.format, dataset.train_split
-            ),
-            extra_tags={TAG_FORMAT: dataset.format, TAG_METRIC: dataset.ranking_metric},
+            dataset=dataset,
+            params=params,
+            experiment=experiment,
         )
 
     storage = Storage(context.storage_root, context.storage_endpoint)
@@ -145,6 +229,7 @@ def run_trial(tune_config: dict[str, Any], context: SweepContext) -> None:
             "ranking_metric": dataset.ranking_metric,
             "tracking_uri": context.tracking_uri,
             "run_id": run_id,
+            "tracking_wait_s": context.tracking_wait_s,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.workers_per_trial,
@@ -167,14 +252,15 @@ def run_trial(tune_config: dict[str, Any], context: SweepContext) -> None:
     try:
         result = trainer.fit()
     except Exception as error:
-        if tracker is not None and run_id is not None:
-            tracker.end_run(run_id, "FAILED", reason=_first_line(error))
+        # Ray Train gave up after the workers' own restarts: not retried within this launch.
+        _record_failure(
+            tracker, run_id, _first_line(error), {TAG_FAILURE_LAUNCH: context.launch_id}
+        )
         raise
     metrics = dict(result.metrics or {})
     if NONFINITE_KEY in metrics:
         reason = metrics[NONFINITE_KEY]
-        if tracker is not None and run_id is not None:
-            tracker.end_run(run_id, "FAILED", reason=reason)
+        _record_failure(tracker, run_id, reason, {TAG_FAILURE_FINAL: "true"})
         raise TrialFailure(reason)
     if tracker is not None and run_id is not None:
         # A worker that hit a non-finite loss ended the run FAILED itself (see worker.py).
@@ -185,6 +271,17 @@ def run_trial(tune_config: dict[str, Any], context: SweepContext) -> None:
         if checkpoint is not None:
             tracker.set_tags(run_id, {TAG_CHECKPOINT: _checkpoint_uri(storage, checkpoint)})
         tracker.end_run(run_id, "FINISHED")
+
+
+def _record_failure(tracker: Any, run_id: str | None, reason: str, tags: dict[str, str]) -> None:
+    """End the trial's run FAILED with ``reason`` and ``tags``; a tracking server that
+    stays down must not hide the trial's own error, which the caller raises next."""
+    if tracker is None or run_id is None:
+        return
+    try:
+        tracker.end_run(run_id, "FAILED", reason=reason, tags=tags)
+    except Exception as error:
+        logger.warning("could not record the failure in MLflow run %s: %s", run_id, error)
 
 
 def _checkpoint_uri(storage: Any, checkpoint: Any) -> str:

@@ -25,7 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from autoassign.engine import Callback, TrainState
-from orchestration.tracking import MetricBuffer, quiet_client_retries, with_retries
+from orchestration.tracking import (
+    OUTAGE_WAIT_S,
+    MetricBuffer,
+    quiet_client_retries,
+    with_retries,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +54,10 @@ class MlflowTrialLogger(Callback):
         *,
         log_every_iters: int,
         ranking_metric: str,
-        flush_timeout: float = 300.0,
+        flush_timeout: float = OUTAGE_WAIT_S,
     ):
+        """``flush_timeout``: how long an unreachable tracking server is waited out (for the
+        final flush of buffered metrics and for every other call)."""
         from mlflow.tracking import MlflowClient
 
         quiet_client_retries()
@@ -104,14 +111,22 @@ class MlflowTrialLogger(Callback):
             self._log_artifacts(metrics)
 
     def fail(self, reason: str) -> None:
-        """End the run FAILED with ``reason`` tagged (the trial cannot succeed)."""
-        from orchestration.tracking import TAG_FAILURE
+        """End the run FAILED with ``reason`` tagged, as final: the trial cannot succeed, and
+        a restarted driver must not train it again (see ``orchestration.trial``)."""
+        from orchestration.tracking import TAG_FAILURE, TAG_FAILURE_FINAL
 
         self.buffer.close(timeout=self.flush_timeout)
         first_line = reason.strip().splitlines()[0][:2000] if reason.strip() else reason
-        with_retries(lambda: self.client.set_tag(self.run_id, TAG_FAILURE, first_line), what="tag")
+        for key, value in ((TAG_FAILURE, first_line), (TAG_FAILURE_FINAL, "true")):
+            with_retries(
+                lambda key=key, value=value: self.client.set_tag(self.run_id, key, value),
+                what="tag",
+                timeout=self.flush_timeout,
+            )
         with_retries(
-            lambda: self.client.set_terminated(self.run_id, status="FAILED"), what="run end"
+            lambda: self.client.set_terminated(self.run_id, status="FAILED"),
+            what="run end",
+            timeout=self.flush_timeout,
         )
 
     # ---- helpers ----------------------------------------------------------------------------

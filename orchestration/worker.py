@@ -26,9 +26,8 @@ from typing import Any
 from autoassign.config import ExperimentConfig
 from autoassign.engine import Callback, Trainer, TrainState
 from autoassign.errors import NonFiniteLossError
-
-NONFINITE_KEY = "nonfinite_error"
-"""Reported instead of raising when the loss went NaN/inf: retrying would only repeat it."""
+from orchestration.tracking import OUTAGE_WAIT_S
+from orchestration.trial import NONFINITE_KEY
 
 
 class RayReporter(Callback):
@@ -83,8 +82,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     """The ``train_loop_per_worker`` of a trial (see the module docstring).
 
     ``loop_config`` keys: ``experiment`` (the ExperimentConfig as plain data), ``work_dir``
-    (rank 0's local folder), ``ranking_metric``, and, when tracking, ``tracking_uri`` and
-    ``run_id``.
+    (rank 0's local folder), ``ranking_metric``, and, when tracking, ``tracking_uri``,
+    ``run_id`` and ``tracking_wait_s`` (how long an unreachable server is waited out).
     """
     import ray.train
 
@@ -103,6 +102,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             loop_config["run_id"],
             log_every_iters=config.train.log_every_iters,
             ranking_metric=loop_config["ranking_metric"],
+            flush_timeout=loop_config.get("tracking_wait_s", OUTAGE_WAIT_S),
         )
         callbacks.append(logger)
     trainer = Trainer(
