@@ -1,7 +1,9 @@
 """Failures caused for real while a sweep runs: a SIGKILLed Ray Train worker, a SIGKILLed
-sweep driver (then ``--resume``), and the MLflow server down for 30 s.
+Tune trial driver, a SIGKILLed sweep driver (then ``--resume``), and the MLflow server down
+for 30 s; then the MLflow server stopped under the sweep driver's run closing and under a
+trial's start.
 
-Each test polls the MLflow server to know where the trial is, then does the damage.
+Each sweep test polls the MLflow server to know where the trial is, then does the damage.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -43,9 +46,19 @@ def epochs_logged(client, run_id: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in client.get_metric_history(run_id, "epoch")]
 
 
-def train_worker_pids() -> list[int]:
-    out = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True, text=True)
+def pids_of(process_title: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", process_title], capture_output=True, text=True)
     return [int(pid) for pid in out.stdout.split()]
+
+
+def train_worker_pids() -> list[int]:
+    return pids_of("ray::RayTrainWorker")
+
+
+def trial_driver_pids() -> list[int]:
+    """Tune runs a function trainable (our trial driver) in an ``ImplicitFunc`` actor: its
+    process is titled ``ray::ImplicitFunc.train`` while the trial runs."""
+    return pids_of("ray::ImplicitFunc")
 
 
 def registered_checkpoints(s3_server, sweep: str) -> int:
@@ -66,6 +79,31 @@ def assert_each_step_once(client, run_id: str, key: str, expected: list[int]) ->
     assert sorted(steps) == expected, f"{key}: {steps}"
 
 
+def past_the_first_checkpoint(client, s3_server, sweep: str):
+    """The trial run that is into its second epoch, with its first epoch's checkpoint
+    registered by Ray, or None."""
+    for r in trial_runs(client, sweep):
+        epochs = epochs_logged(client, r.info.run_id)
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")]
+        past_first_checkpoint = epochs and max(steps) >= epochs[0][0] + 2
+        if past_first_checkpoint and registered_checkpoints(s3_server, sweep):
+            return r
+    return None
+
+
+def assert_three_epochs_once_from_a_restore(client, run_id: str, log: str) -> None:
+    """Epochs 1..3 and every step logged once, and the last start of the trial's training
+    restored a checkpoint (it did not start from iteration 0)."""
+    epochs = epochs_logged(client, run_id)
+    assert [value for _, value in epochs] == [1, 2, 3]  # each epoch logged once
+    per_epoch = epochs[0][0]
+    assert [step for step, _ in epochs] == [per_epoch * e for e in range(1, 4)]
+    assert_each_step_once(client, run_id, "train/loss", list(range(1, 3 * per_epoch + 1)))
+    assert_each_step_once(client, run_id, "bbox_mAP", [s for s, _ in epochs])
+    starts = [line for line in log.splitlines() if "starting at iteration" in line]
+    assert len(starts) >= 2 and not starts[-1].rstrip().endswith("starting at iteration 0")
+
+
 def test_killed_worker_is_replaced_and_continues_into_the_same_run(
     sweep_runner, mlflow_server, s3_server
 ):
@@ -82,19 +120,13 @@ def test_killed_worker_is_replaced_and_continues_into_the_same_run(
     path = sweep_runner.write(name, config)
     process = sweep_runner.start(path)
     client = mlflow_server.client()
-
-    def into_the_second_epoch():
-        for r in trial_runs(client, name):
-            epochs = epochs_logged(client, r.info.run_id)
-            steps = [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")]
-            past_first_checkpoint = epochs and max(steps) >= epochs[0][0] + 2
-            if past_first_checkpoint and registered_checkpoints(s3_server, name):
-                return r
-        return None
-
     try:
         # Killed mid-epoch, after the first epoch's checkpoint was registered by Ray.
-        run = wait_until(into_the_second_epoch, timeout=300, what="the second epoch")
+        run = wait_until(
+            lambda: past_the_first_checkpoint(client, s3_server, name),
+            timeout=300,
+            what="the second epoch",
+        )
         pids = train_worker_pids()
         assert pids, "no Ray Train worker process found"
         for pid in pids:
@@ -108,15 +140,49 @@ def test_killed_worker_is_replaced_and_continues_into_the_same_run(
     runs = trial_runs(client, name)
     assert len(runs) == 1 and runs[0].info.run_id == run.info.run_id
     assert runs[0].info.status == "FINISHED"
-    epochs = epochs_logged(client, run.info.run_id)
-    assert [value for _, value in epochs] == [1, 2, 3]  # each epoch logged once
-    per_epoch = epochs[0][0]
-    assert [step for step, _ in epochs] == [per_epoch * e for e in range(1, 4)]
-    assert_each_step_once(client, run.info.run_id, "train/loss", list(range(1, 3 * per_epoch + 1)))
-    assert_each_step_once(client, run.info.run_id, "bbox_mAP", [s for s, _ in epochs])
-    # The replacement worker restored a checkpoint: it did not start from iteration 0.
-    starts = [line for line in log.splitlines() if "starting at iteration" in line]
-    assert len(starts) >= 2 and not starts[-1].rstrip().endswith("starting at iteration 0")
+    # The replacement worker restored a checkpoint and logged nothing twice.
+    assert_three_epochs_once_from_a_restore(client, run.info.run_id, log)
+
+
+def test_killed_trial_driver_is_started_again_by_tune_into_the_same_run(
+    sweep_runner, mlflow_server, s3_server
+):
+    """The trial driver (and so Ray Train's controller beside it, and its workers) gone, as
+    when its node is lost: Tune starts the trial again, without --resume, and the new
+    driver's TorchTrainer restores the last checkpoint Train registered."""
+    folder = sweep_runner.folder
+    name = "it-trial-driver-kill"
+    config = tiny_sweep(
+        name,
+        folder,
+        mlflow_uri=mlflow_server.uri,
+        s3_endpoint=s3_server.endpoint,
+        datasets=[synthetic("driver-shapes", "coco", folder, images=16, classes=2)],
+        epochs=3,
+    )
+    path = sweep_runner.write(name, config)
+    process = sweep_runner.start(path)
+    client = mlflow_server.client()
+    try:
+        run = wait_until(
+            lambda: past_the_first_checkpoint(client, s3_server, name),
+            timeout=300,
+            what="the second epoch",
+        )
+        drivers = trial_driver_pids()
+        assert len(drivers) == 1, f"trial driver processes: {drivers}"
+        os.kill(drivers[0], signal.SIGKILL)
+        code = process.wait(timeout=600)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    log = path.with_suffix(".log").read_text()
+    assert code == 0, log[-4000:]
+    runs = trial_runs(client, name)
+    assert len(runs) == 1 and runs[0].info.run_id == run.info.run_id
+    assert runs[0].info.status == "FINISHED"
+    assert "autoassign.failure_reason" not in runs[0].data.tags
+    assert_three_epochs_once_from_a_restore(client, run.info.run_id, log)
 
 
 def test_resume_after_the_driver_was_killed(sweep_runner, mlflow_server, s3_server):
@@ -221,3 +287,100 @@ def test_mlflow_outage_of_30_seconds_loses_nothing(sweep_runner, mlflow_server, 
     assert [v for _, v in epochs] == [1, 2, 3]  # every epoch arrived, once
     assert_each_step_once(client, run_id, "train/loss", list(range(1, epochs[-1][0] + 1)))
     assert "MLflow unreachable" in log
+
+
+def stub_trial():
+    """A Ray Tune ``Trial`` as the sweep driver's callbacks receive it (no actor behind it)."""
+    from ray.tune.experiment import Trial
+
+    return Trial("run_trial", config={"dataset": "coco"}, stub=True)
+
+
+def test_run_closing_waits_out_a_stopped_tracking_server(mlflow_server):
+    """The sweep driver's callback against a server that is down: it must not raise (Tune
+    would error the trial, then stop the sweep), and it closes the runs once it is back."""
+    from orchestration.run_closing import RunCloser
+    from orchestration.tracking import TAG_EARLY_STOPPED, TAG_SWEEP_ID, TAG_TRIAL_ID, Tracker
+
+    sweep_id = "it-closing-1"
+    tracker = Tracker(mlflow_server.uri, "it-closing")
+    closer = RunCloser(tracker, sweep_id)
+    stopped, errored = stub_trial(), stub_trial()
+    run_ids = {}
+    for trial in (stopped, errored):
+        tags = {TAG_SWEEP_ID: sweep_id, TAG_TRIAL_ID: trial.trial_id}
+        run = tracker.client.create_run(tracker.experiment_id, tags=tags)
+        run_ids[trial.trial_id] = run.info.run_id
+    mlflow_server.stop()
+    try:
+        closer.on_trial_complete(0, [], stopped)  # early-stopped by the scheduler
+        closer.on_trial_error(0, [], errored)  # its driver died
+        closer.on_step_end(1, [])
+        assert set(closer.pending) == {stopped.trial_id, errored.trial_id}
+    finally:
+        mlflow_server.start()
+    closer.on_experiment_end([])
+    assert not closer.pending
+    client = mlflow_server.client()
+    run = client.get_run(run_ids[stopped.trial_id])
+    assert run.info.status == "KILLED" and run.data.tags[TAG_EARLY_STOPPED] == "true"
+    assert client.get_run(run_ids[errored.trial_id]).info.status == "FAILED"
+
+
+def test_a_trial_start_waits_out_a_tracking_outage(mlflow_server, sweep_runner, monkeypatch):
+    """A trial launched while the tracking server is down waits for it, as long as the
+    sweep's tracking wait (the bound of the metric buffer's final flush too), and opens its
+    run once the server is back; with a wait shorter than the outage it gives up."""
+    from mlflow.exceptions import MlflowException
+
+    from orchestration.config import SweepConfig, trial_experiment
+    from orchestration.trial import SweepContext, open_trial_run
+
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)  # the trial driver's settings, undone after
+    folder = sweep_runner.folder
+    sweep = SweepConfig.model_validate(
+        tiny_sweep(
+            "it-start-wait",
+            folder,
+            mlflow_uri=mlflow_server.uri,
+            s3_endpoint="http://unused",
+            datasets=[synthetic("start-shapes", "coco", folder, classes=2)],
+        )
+    )
+    dataset = sweep.datasets[0]
+
+    def start(wait: float):
+        context = SweepContext(
+            sweep=sweep.model_dump(mode="json"),
+            sweep_id="it-start-wait-1",
+            parent_run_id=None,
+            tracking_uri=mlflow_server.uri,
+            storage_root="unused",
+            storage_endpoint=None,
+            work_dir=str(folder),
+            tracking_wait_s=wait,
+        )
+        experiment = trial_experiment(sweep, dataset, {}, output_dir=folder / "start-wait")
+        return open_trial_run(
+            context, sweep, trial_id="t1", dataset=dataset, params={}, experiment=experiment
+        )
+
+    mlflow_server.stop()
+    comeback = threading.Timer(5.0, mlflow_server.start)
+    try:
+        with pytest.raises(MlflowException):
+            start(wait=2.0)
+        comeback.start()  # the server answers again about 20 s from now (5 s + its start)
+        tracker, run_id = start(wait=240.0)
+    finally:
+        if comeback.ident is not None:
+            comeback.join()
+        if mlflow_server.process is None:
+            mlflow_server.start()
+    run = mlflow_server.client().get_run(run_id)
+    assert run.info.status == "RUNNING"
+    assert run.data.tags["autoassign.trial_id"] == "t1"
+    assert run.data.params["dataset"] == "start-shapes"
+    tracker.end_run(run_id, "FINISHED")
