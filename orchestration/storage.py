@@ -26,6 +26,15 @@ def s3_endpoint(configured: str | None) -> str | None:
     return configured or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
+def write_text_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one step: readers see the old file or the new one
+    (the temporary name carries the pid, so two writers never share it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 @dataclass(frozen=True)
 class Storage:
     """A root (local folder or ``s3://bucket/prefix``) under which relative keys live."""
@@ -84,11 +93,7 @@ class Storage:
         if self.is_s3:
             self._s3().put_object(Bucket=self.bucket, Key=self._key(key), Body=text.encode())
         else:
-            path = Path(self.root) / key
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, path)
+            write_text_atomically(Path(self.root) / key, text)
         return self.uri(key)
 
     def read_text(self, key: str) -> str | None:

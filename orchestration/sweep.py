@@ -39,7 +39,8 @@ from typing import Any
 from autoassign.errors import AutoAssignError, ConfigError, run_cli
 from orchestration.config import SweepConfig, check_dataset_folders, load_sweep_config
 from orchestration.redaction import redact, redact_data
-from orchestration.sweep_state import LEADERBOARD, SweepLock, SweepRecord, write_text_atomically
+from orchestration.storage import write_text_atomically
+from orchestration.sweep_state import LEADERBOARD, SweepLock, SweepRecord
 
 COMPARISON = "compare.md"
 PLOTS = "plots"

@@ -27,20 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from autoassign.errors import ConfigError
+from orchestration.storage import write_text_atomically
 
 MANIFEST = "manifest.json"
 LEADERBOARD = "leaderboard.json"
 LOCK_FILE = ".sweep.lock"
 SHARED_FOLDER = "sweeps"
 """Where under the storage root the manifest and leaderboard are mirrored, per sweep name."""
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` in one step: readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class SweepRecord:

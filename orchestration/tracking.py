@@ -71,14 +71,12 @@ T = TypeVar("T")
 # Secrets
 # --------------------------------------------------------------------------------------------
 
-_SECRET_KEY = SECRET_NAME
-
 
 def safe_params(params: Mapping[str, Any]) -> dict[str, str]:
     """Parameters as MLflow strings, dropping any whose name looks like a secret."""
     shown = {}
     for key, value in params.items():
-        if _SECRET_KEY.search(key):
+        if SECRET_NAME.search(key):
             continue
         text = redact(value) if isinstance(value, str) else value
         shown[key] = str(text)[:6000]
