@@ -372,7 +372,7 @@ def resolve_version(client: Any, reference: str) -> Any:
         if "/" in ref:
             name, version = ref.split("/", 1)
             return client.get_model_version(name, version)
-        versions = client.search_model_versions(f"name = '{ref}'")
+        versions = _versions(client, ref)
         if versions:
             return max(versions, key=lambda v: int(v.version))
     except MlflowException:
