@@ -34,7 +34,7 @@ from orchestration.tracking import (
     Tracker,
     fail_fast_requests,
 )
-from orchestration.trial import NONFINITE_KEY
+from orchestration.trial import NONFINITE_KEY, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class RunCloser(Callback):
                     logger.warning(
                         "MLflow unreachable (%s): the run of trial %s is closed (%s) once it "
                         "answers",
-                        str(error).strip().splitlines()[0][:300] or type(error).__name__,
+                        first_line(error, limit=300),
                         trial_id,
                         closing.status,
                     )

@@ -253,9 +253,7 @@ def run_trial(tune_config: dict[str, Any], context: SweepContext) -> None:
         result = trainer.fit()
     except Exception as error:
         # Ray Train gave up after the workers' own restarts: not retried within this launch.
-        _record_failure(
-            tracker, run_id, _first_line(error), {TAG_FAILURE_LAUNCH: context.launch_id}
-        )
+        _record_failure(tracker, run_id, first_line(error), {TAG_FAILURE_LAUNCH: context.launch_id})
         raise
     metrics = dict(result.metrics or {})
     if NONFINITE_KEY in metrics:
@@ -289,6 +287,8 @@ def _checkpoint_uri(storage: Any, checkpoint: Any) -> str:
     return f"s3://{path}" if storage.is_s3 and not path.startswith("s3://") else path
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException, limit: int = 2000) -> str:
+    """The first line of ``error``'s message (its type's name when it has none), at most
+    ``limit`` characters: what a run's failure reason and a warning show."""
     text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:2000]
+    return text.splitlines()[0][:limit]
