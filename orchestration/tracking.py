@@ -278,15 +278,13 @@ class Tracker:
     # ---- parent -----------------------------------------------------------------------------
 
     def parent_run(self, sweep_id: str, *, name: str, tags: Mapping[str, str]) -> str:
-        """The sweep's parent run id: the existing one (a resume) or a new one."""
+        """The sweep's parent run id: the existing one (a resume, reopened without the
+        failure tags of its end, as a trial's run is) or a new one."""
         existing = self.find_runs(**{TAG_SWEEP_ID: sweep_id, TAG_KIND: "sweep"})
         if existing:
-            run_id = existing[0].info.run_id
             if existing[0].info.status != "RUNNING":
-                self._retried(
-                    lambda: self.client.update_run(run_id, status="RUNNING"), "run reopen"
-                )
-            return run_id
+                self._reopen(existing[0])
+            return existing[0].info.run_id
         run = self._retried(
             lambda: self.client.create_run(
                 self.experiment_id,

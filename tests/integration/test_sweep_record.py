@@ -58,7 +58,9 @@ def test_a_failed_finish_is_recorded_and_resume_from_s3_completes_it(
     shutil.rmtree(output)  # the head node's disk is gone; the S3 copy is what is left
     code, log = sweep_runner.run(path, "--resume")
     assert code == 0, log[-4000:]
-    assert client.get_run(manifest["parent_run_id"]).info.status == "FINISHED"
+    finished = client.get_run(manifest["parent_run_id"])
+    assert finished.info.status == "FINISHED"
+    assert "autoassign.failure_reason" not in finished.data.tags  # the failure is over
     (same,) = trial_runs(client, name)
     assert same.info.run_id == trial.info.run_id
     assert [v for _, v in epochs_logged(client, trial.info.run_id)] == [1]  # not rerun
