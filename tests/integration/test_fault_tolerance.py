@@ -104,44 +104,62 @@ def assert_three_epochs_once_from_a_restore(client, run_id: str, log: str) -> No
     assert len(starts) >= 2 and not starts[-1].rstrip().endswith("starting at iteration 0")
 
 
-def test_killed_worker_is_replaced_and_continues_into_the_same_run(
-    sweep_runner, mlflow_server, s3_server
-):
+def kill_after_the_first_checkpoint(sweep_runner, mlflow_server, s3_server, name, victims):
+    """Run a one-trial, three-epoch sweep and SIGKILL ``victims()`` (pids, at least one)
+    mid-epoch, once Ray registered the first epoch's checkpoint; wait for the sweep to end.
+
+    Returns the sweep's exit status and log, the MLflow client and the trial's run.
+    """
     folder = sweep_runner.folder
-    name = "it-worker-kill"
     config = tiny_sweep(
         name,
         folder,
         mlflow_uri=mlflow_server.uri,
         s3_endpoint=s3_server.endpoint,
-        datasets=[synthetic("kill-shapes", "coco", folder, images=16, classes=2)],
+        datasets=[synthetic(f"{name}-shapes", "coco", folder, images=16, classes=2)],
         epochs=3,
     )
     path = sweep_runner.write(name, config)
     process = sweep_runner.start(path)
     client = mlflow_server.client()
     try:
-        # Killed mid-epoch, after the first epoch's checkpoint was registered by Ray.
         run = wait_until(
             lambda: past_the_first_checkpoint(client, s3_server, name),
             timeout=300,
             what="the second epoch",
         )
-        pids = train_worker_pids()
-        assert pids, "no Ray Train worker process found"
-        for pid in pids:
+        for pid in victims():
             os.kill(pid, signal.SIGKILL)
         code = process.wait(timeout=600)
     finally:
         if process.poll() is None:
             process.kill()
-    log = path.with_suffix(".log").read_text()
+    return code, path.with_suffix(".log").read_text(), client, run
+
+
+def assert_one_finished_run_restored(client, name, run, code, log):
     assert code == 0, log[-4000:]
     runs = trial_runs(client, name)
     assert len(runs) == 1 and runs[0].info.run_id == run.info.run_id
     assert runs[0].info.status == "FINISHED"
-    # The replacement worker restored a checkpoint and logged nothing twice.
+    assert "autoassign.failure_reason" not in runs[0].data.tags
+    # The replacement restored a checkpoint and logged nothing twice.
     assert_three_epochs_once_from_a_restore(client, run.info.run_id, log)
+
+
+def test_killed_worker_is_replaced_and_continues_into_the_same_run(
+    sweep_runner, mlflow_server, s3_server
+):
+    def workers():
+        pids = train_worker_pids()
+        assert pids, "no Ray Train worker process found"
+        return pids
+
+    name = "it-worker-kill"
+    code, log, client, run = kill_after_the_first_checkpoint(
+        sweep_runner, mlflow_server, s3_server, name, workers
+    )
+    assert_one_finished_run_restored(client, name, run, code, log)
 
 
 def test_killed_trial_driver_is_started_again_by_tune_into_the_same_run(
@@ -150,39 +168,17 @@ def test_killed_trial_driver_is_started_again_by_tune_into_the_same_run(
     """The trial driver (and so Ray Train's controller beside it, and its workers) gone, as
     when its node is lost: Tune starts the trial again, without --resume, and the new
     driver's TorchTrainer restores the last checkpoint Train registered."""
-    folder = sweep_runner.folder
-    name = "it-trial-driver-kill"
-    config = tiny_sweep(
-        name,
-        folder,
-        mlflow_uri=mlflow_server.uri,
-        s3_endpoint=s3_server.endpoint,
-        datasets=[synthetic("driver-shapes", "coco", folder, images=16, classes=2)],
-        epochs=3,
-    )
-    path = sweep_runner.write(name, config)
-    process = sweep_runner.start(path)
-    client = mlflow_server.client()
-    try:
-        run = wait_until(
-            lambda: past_the_first_checkpoint(client, s3_server, name),
-            timeout=300,
-            what="the second epoch",
-        )
+
+    def the_driver():
         drivers = trial_driver_pids()
         assert len(drivers) == 1, f"trial driver processes: {drivers}"
-        os.kill(drivers[0], signal.SIGKILL)
-        code = process.wait(timeout=600)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    log = path.with_suffix(".log").read_text()
-    assert code == 0, log[-4000:]
-    runs = trial_runs(client, name)
-    assert len(runs) == 1 and runs[0].info.run_id == run.info.run_id
-    assert runs[0].info.status == "FINISHED"
-    assert "autoassign.failure_reason" not in runs[0].data.tags
-    assert_three_epochs_once_from_a_restore(client, run.info.run_id, log)
+        return drivers
+
+    name = "it-trial-driver-kill"
+    code, log, client, run = kill_after_the_first_checkpoint(
+        sweep_runner, mlflow_server, s3_server, name, the_driver
+    )
+    assert_one_finished_run_restored(client, name, run, code, log)
 
 
 def test_resume_after_the_driver_was_killed(sweep_runner, mlflow_server, s3_server):
