@@ -99,8 +99,33 @@ class SweepJob:
                 f"{where}: config {self.config} is outside the working dir {self.working_dir}, "
                 "which is what the job uploads"
             ) from None
+        self.check_no_secrets(where)
         self.check_named_files(where)
         check_upload_size(self.working_dir, where)
+
+    def check_no_secrets(self, where: str) -> None:
+        """A secret in the sweep's arguments would be part of the job's entrypoint, which
+        the Jobs API keeps and shows to whoever lists the cluster's jobs; refuse it and say
+        where a credential belongs instead."""
+        from orchestration.redaction import SECRET_NAME, redact
+
+        for arg in self.sweep_args:
+            key, equals, value = arg.partition("=")
+            if not equals:
+                continue
+            if SECRET_NAME.search(key.rsplit(".", 1)[-1]):
+                shown, why = f"{key}=***", "sets a secret-named field"
+            elif redact(value) != value:
+                shown, why = f"{key}={redact(value)}", "carries a credential or a signed query"
+            else:
+                continue
+            raise ConfigError(
+                f"{where}: sweep argument {shown} {why}; the job's entrypoint, with its "
+                "arguments, is shown by `jobs list` and `jobs status` to anyone who reaches "
+                "the cluster. Give credentials to the cluster's environment instead: "
+                "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD for the tracking server, "
+                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for S3"
+            )
 
     def check_named_files(self, where: str) -> None:
         """Each weights or checkpoint file the sweep's trials start from, when named by a

@@ -165,6 +165,37 @@ def test_weights_named_by_relative_path_must_travel_with_the_job(tmp_path):
     SweepJob(config, tmp_path, ("base.model.backbone.weights=/nodes/R-18.pkl",)).check("x")
 
 
+def test_a_credential_in_the_sweep_arguments_is_refused_before_connecting(tmp_path):
+    """The Jobs API keeps a job's entrypoint and `jobs list` / `jobs status` print it: a
+    password given as an override would be readable by anyone who reaches the cluster."""
+    config = tiny_config(tmp_path)
+    secret = "hunter2-in-the-uri"
+    submit = ("submit", str(config), "--working-dir", str(tmp_path),
+              "--address", "http://127.0.0.1:9", "--")  # fmt: skip
+    for args in (
+        (f"tracking.uri=postgresql://mlflow:{secret}@db:5432/mlflow",),
+        (f"tracking.uri=http://mlflow:5000/?token={secret}",),
+        ("name=x", f"storage.secret_access_key={secret}"),
+    ):
+        refused = jobs_cli(*submit, *args)
+        assert refused.returncode == 2, refused.stderr
+        assert "Traceback" not in refused.stderr and secret not in refused.stderr
+        assert "submit: sweep argument " in refused.stderr
+        assert "MLFLOW_TRACKING_PASSWORD" in refused.stderr
+        assert "AWS_SECRET_ACCESS_KEY" in refused.stderr
+    assert (
+        "tracking.uri=postgresql://***@db:5432/mlflow carries a credential"
+        in jobs_cli(*submit, f"tracking.uri=postgresql://mlflow:{secret}@db:5432/mlflow").stderr
+    )
+    # The same servers named without credentials pass the check (and the cluster is tried).
+    tried = jobs_cli(*submit, "tracking.uri=postgresql://db:5432/mlflow", "name=x")
+    assert tried.returncode == 1 and "cannot reach the Ray Jobs API" in tried.stderr
+    # The scheduler submits through the same check, naming the schedule.
+    job = SweepJob(config, tmp_path, (f"tracking.uri=http://u:{secret}@mlflow:5000",))
+    with pytest.raises(ConfigError, match="^nightly-coco: sweep argument tracking.uri=http://"):
+        job.check("nightly-coco")
+
+
 def test_the_reason_of_a_ray_error_is_its_last_exception_line():
     assert ray_error_reason(RuntimeError(DUPLICATE_ID_ERROR)) == (
         "Job with submission_id dup-1 already exists. Please use a different submission_id."
