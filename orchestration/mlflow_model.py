@@ -4,7 +4,8 @@ Each registered version's ``model/`` folder is an MLflow model:
 
     model/
       MLmodel                   flavour, signature, parameters, requirements
-      python_model.pkl          a :class:`DetectorModel` (this module's class, by reference)
+      detector_model_code.py    the model's code: a :class:`DetectorModel` (models-from-code,
+                                so loading unpickles nothing)
       artifacts/checkpoint.pt   the library's checkpoint, its resolved config inside
       requirements.txt ...
 
@@ -27,12 +28,14 @@ from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
+import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
 from autoassign.engine.checkpoint import CHECKPOINT_FILE
 
 CHECKPOINT_ARTIFACT = "checkpoint"
+MODEL_CODE = Path(__file__).with_name("detector_model_code.py")
 OUTPUT_COLUMNS = ("x1", "y1", "x2", "y2", "score", "label", "class_name")
 
 SIGNATURE = ModelSignature(
@@ -48,15 +51,16 @@ SIGNATURE = ModelSignature(
 class DetectorModel(mlflow.pyfunc.PythonModel):
     """The pyfunc wrapper: rebuilds the detector from the checkpoint artifact on load."""
 
-    # No type hints on predict's arguments: MLflow would try to infer a signature from them.
     def load_context(self, context: Any) -> None:
         from autoassign.predict import Predictor
 
         self.predictor = Predictor(Path(context.artifacts[CHECKPOINT_ARTIFACT]), device="auto")
 
-    def predict(self, context, model_input, params=None):
+    # An ndarray input hint is one MLflow infers no schema from: the stated SIGNATURE stays.
+    def predict(
+        self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
         """Detections of one ``[H, W, 3]`` uint8 image as a DataFrame (see the signature)."""
-        import pandas as pd
         import torch
 
         image = np.asarray(model_input)
@@ -91,7 +95,7 @@ def save_detector_model(checkpoint: Path, destination: Path) -> Path:
         warnings.filterwarnings("ignore", message=".*input example was not provided.*")
         mlflow.pyfunc.save_model(
             path=str(destination),
-            python_model=DetectorModel(),
+            python_model=str(MODEL_CODE),
             artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)},
             signature=SIGNATURE,
             # Stated, not inferred: inference would load the model in a subprocess.

@@ -101,9 +101,10 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def quiet_mlflow_output() -> None:
-    """No "View run at <tracking URI>" lines from MLflow: they repeat on every run end, and
-    the URI they print may carry credentials."""
+    """No "View run at <tracking URI>" lines from MLflow (they repeat on every run end, and
+    the URI they print may carry credentials) and no progress bar per artifact copy."""
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def quiet_client_retries() -> None:

@@ -143,6 +143,31 @@ def test_a_version_is_an_mlflow_model_with_a_signature(world, monkeypatch):
         model.predict(pixels[..., :1])  # one channel: the signature refuses it
 
 
+def test_a_saved_model_is_code_not_a_pickle_and_saving_warns_of_nothing(world, tmp_path):
+    """MLflow warns when a model is a pickled Python object (loading it runs arbitrary code)
+    and when predict has no type hints; the model is models-from-code with a typed predict."""
+    import logging
+    import warnings
+
+    from orchestration.mlflow_model import save_detector_model
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    mlflow_logger = logging.getLogger("mlflow")
+    mlflow_logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            folder = save_detector_model(world["ckpt"]["sweep1"], tmp_path / "model")
+    finally:
+        mlflow_logger.removeHandler(handler)
+    assert [str(w.message) for w in caught] == []
+    assert [r.getMessage() for r in records if r.levelno >= logging.WARNING] == []
+    assert not list(folder.rglob("*.pkl"))
+    assert "loader_module: mlflow.pyfunc.loaders.code_model" in (folder / "MLmodel").read_text()
+
+
 def test_autoassign_predict_takes_a_registry_uri(world, tmp_path, monkeypatch, capsys):
     from autoassign import predict
 
