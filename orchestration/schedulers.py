@@ -5,28 +5,35 @@ whose values are not comparable: an early-stopping rule such as ASHA must only c
 trials of the same dataset. :class:`PerDatasetScheduler` keeps an independent scheduler for
 each value of ``trial.config["dataset"]`` and hands every event to that dataset's one, so the
 whole sweep still runs as a single Tuner (one trial table, one resume, shared resources).
+
+Early stopping decides on evaluations only: the sweep file is refused unless every rung
+falls on an epoch each trial evaluates (:func:`orchestration.config.check_scheduler_rungs`),
+and a result without a finite ``score`` is never handed to ASHA.
 """
 
 from __future__ import annotations
 
+import math
+from numbers import Real
 from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-from orchestration.config import SchedulerConfig
+from orchestration.config import SchedulerConfig, asha_max_t
 
 
 def build_scheduler(config: SchedulerConfig, *, max_epochs: int) -> TrialScheduler:
     """FIFO (no early stopping) or ASHA per dataset on the reported ``score``.
 
-    ``score`` is each trial's own dataset's ranking metric; ``epoch`` is the time axis.
+    ``score`` is each trial's own dataset's ranking metric; ``epoch`` is the time axis, and
+    ``max_epochs`` (epochs) bounds it as ASHA's ``max_t``.
     """
     if config.type == "fifo":
         return FIFOScheduler()
     return PerDatasetScheduler(
         {
             "time_attr": "epoch",
-            "max_t": max(max_epochs, config.grace_period),
+            "max_t": asha_max_t(config, max_epochs),
             "grace_period": config.grace_period,
             "reduction_factor": config.reduction_factor,
         }
@@ -35,6 +42,10 @@ def build_scheduler(config: SchedulerConfig, *, max_epochs: int) -> TrialSchedul
 
 class PerDatasetScheduler(FIFOScheduler):
     """ASHA among the trials of each dataset separately (see the module docstring).
+
+    A result without a finite ``score`` is never handed to ASHA: a missing one it skips by
+    itself, but a NaN (a trial's failure report on an epoch without an evaluation) it would
+    record at a rung as a pass, since its cutoffs ignore NaN.
 
     Args:
         asha_options: keyword arguments of every per-dataset ``ASHAScheduler``.
@@ -68,12 +79,23 @@ class PerDatasetScheduler(FIFOScheduler):
         self.scheduler_of(trial).on_trial_error(tune_controller, trial)
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        if not self.scored(result):
+            return self.CONTINUE
         return self.scheduler_of(trial).on_trial_result(tune_controller, trial, result)
 
     def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
         scheduler = self.scheduler_of(trial)
-        if trial.trial_id in scheduler._trial_info:
+        if trial.trial_id not in scheduler._trial_info:
+            return
+        if self.scored(result):
             scheduler.on_trial_complete(tune_controller, trial, result)
+        else:  # nothing to record at a rung: only forget the trial
+            scheduler.on_trial_remove(tune_controller, trial)
+
+    def scored(self, result: dict | None) -> bool:
+        """Whether ``result`` carries a finite value of the metric (an evaluated epoch)."""
+        value = (result or {}).get(self._metric)
+        return isinstance(value, Real) and math.isfinite(value)
 
     def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
         scheduler = self.scheduler_of(trial)
