@@ -660,11 +660,11 @@ def check_scheduler_rungs(sweep: SweepConfig, *, source: str) -> None:
     Rule: with ``search.scheduler.type: asha``, every rung epoch (:func:`asha_rungs`, with
     the base schedule's epochs, which the sweep gives its scheduler) that a trial reaches is
     an epoch it evaluates (:func:`is_evaluated`), for each trial's own epochs and
-    ``eval.every_epochs`` (:func:`trial_schedules`). An epoch without an evaluation has no
-    score of its own, so ASHA must not decide there: grace_period 1 with every_epochs 8
-    would compare trials at epochs 1, 2 and 4 on no new evaluation. Refusing, rather than
-    moving the rungs onto evaluated epochs, keeps the numbers in the file the ones that run,
-    and leaves Ray's bracket bookkeeping as Ray wrote it.
+    ``eval.every_epochs`` (:func:`trial_schedules`). An epoch without an evaluation reports
+    no ``score``, so ASHA would compare at a later evaluation instead: grace_period 1 with
+    every_epochs 8 would silently mean 8. Refusing, rather than moving the rungs onto
+    evaluated epochs, keeps the numbers in the file the ones that run, and leaves Ray's
+    bracket bookkeeping as Ray wrote it.
     """
     scheduler = sweep.search.scheduler
     if scheduler.type != "asha":

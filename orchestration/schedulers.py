@@ -6,9 +6,11 @@ trials of the same dataset. :class:`PerDatasetScheduler` keeps an independent sc
 each value of ``trial.config["dataset"]`` and hands every event to that dataset's one, so the
 whole sweep still runs as a single Tuner (one trial table, one resume, shared resources).
 
-Early stopping decides on evaluations only: the sweep file is refused unless every rung
-falls on an epoch each trial evaluates (:func:`orchestration.config.check_scheduler_rungs`),
-and a result without a finite ``score`` is never handed to ASHA.
+Early stopping decides on evaluations only. An epoch without an evaluation reports no
+``score`` (see :class:`orchestration.worker.RayReporter`); Ray's ASHA skips such a result
+(``AsyncHyperBandScheduler.on_trial_result`` returns CONTINUE when the metric is missing),
+and the sweep file is refused unless every rung falls on an evaluated epoch
+(:func:`orchestration.config.check_scheduler_rungs`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ from typing import Any
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from orchestration.config import SchedulerConfig, asha_max_t
+
+TUNE_ENV = {"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}
+"""The environment of the process running Tune's controller (the sweep driver; under Ray
+Client, the remote tuner: ``ray.init(runtime_env={"env_vars": ...})``). Tune's strict metric
+check otherwise ends the whole sweep at the first result without ``score``
+(``TuneController._validate_result_metrics``), which every epoch without an evaluation is."""
 
 
 def build_scheduler(config: SchedulerConfig, *, max_epochs: int) -> TrialScheduler:

@@ -34,16 +34,26 @@ class RayReporter(Callback):
     """Reports each epoch to Ray Train (all ranks report; rank 0 attaches the checkpoint).
 
     Reported keys: ``epoch`` (epochs completed, Tune's time axis), ``iteration``,
-    ``train/<loss>`` (epoch means), the evaluation metrics, and ``score``: the ranking metric
-    of the last evaluation (carried forward on epochs without one, so schedulers always see
-    it; 0 before the first).
+    ``train/<loss>`` (epoch means), and on an evaluated epoch the evaluation metrics and
+    ``score``: the ranking metric (0.0, the lowest AP, when the evaluation gave no finite
+    value, since Ray Train's saved checkpoint order turns a NaN into null).
+
+    Rule: an epoch without an evaluation reports no ``score``, neither 0 nor the last one.
+    Tune's schedulers and searcher then skip it (early stopping decides on evaluations
+    only), and Ray Train ranks its checkpoint below every scored one (logging that the key
+    is missing). Tune must not check for the metric strictly: see
+    :data:`orchestration.schedulers.TUNE_ENV`.
+
+    Attributes:
+        score: the score of the last reported epoch, NaN when it had no evaluation (for a
+            report that must carry the key; the sweep's ASHA ignores a NaN).
     """
 
     def __init__(self, ranking_metric: str, *, keep_local: int = 1):
         self.ranking_metric = ranking_metric
         self.keep_local = keep_local
         self.pending_checkpoint: Path | None = None
-        self.score = 0.0
+        self.score = math.nan
         self.reported_dirs: list[Path] = []
 
     def on_checkpoint(self, state: TrainState, path: Path) -> None:
@@ -52,13 +62,11 @@ class RayReporter(Callback):
     def on_epoch_end(self, state: TrainState, metrics: dict[str, float]) -> None:
         import ray.train
 
-        if metrics and self.ranking_metric in metrics:
-            value = metrics[self.ranking_metric]
-            self.score = value if math.isfinite(value) else 0.0
+        self.score = self._score_of(metrics)
         report: dict[str, Any] = {
             "epoch": state.epochs_completed,
             "iteration": state.iteration,
-            "score": self.score,
+            **({} if math.isnan(self.score) else {"score": self.score}),
             **{f"train/{name}": value for name, value in state.epoch_losses.items()},
             # Per-class APs go to MLflow only: Tune's table and result files stay readable.
             **{name: value for name, value in metrics.items() if not name.startswith("AP/")},
@@ -70,6 +78,13 @@ class RayReporter(Callback):
         if self.pending_checkpoint is not None and state.is_main_process:
             self._prune_local(self.pending_checkpoint)
         self.pending_checkpoint = None
+
+    def _score_of(self, metrics: dict[str, float]) -> float:
+        """The epoch's score (see the class docstring); NaN when it was not evaluated."""
+        if self.ranking_metric not in metrics:
+            return math.nan
+        value = metrics[self.ranking_metric]
+        return value if math.isfinite(value) else 0.0
 
     def _prune_local(self, reported: Path) -> None:
         """Ray has copied the checkpoint to storage: drop older local copies."""

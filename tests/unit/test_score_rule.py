@@ -1,10 +1,11 @@
-"""Early stopping only on evaluated epochs.
+"""A score only after an evaluation, and early stopping only on evaluated epochs.
 
-ASHA never decides on a result without a finite score (orchestration.schedulers), and a sweep
-whose ASHA rungs fall on epochs without an evaluation is refused before Ray starts
-(orchestration.config), naming ``search.scheduler.grace_period`` and ``eval.every_epochs``.
-The refusal goes through the real sweep CLI; the scheduler is Ray's own, driven with Tune's
-own ``Trial`` objects, which need no Ray cluster.
+An epoch the trainer does not evaluate reports no ``score`` (orchestration.worker), ASHA never
+decides on such a result (orchestration.schedulers), and a sweep whose ASHA rungs fall on
+epochs without an evaluation is refused before Ray starts (orchestration.config), naming
+``search.scheduler.grace_period`` and ``eval.every_epochs``. The refusal goes through the
+real sweep CLI; the scheduler is Ray's own, driven with Tune's own ``Trial`` objects, which
+need no Ray cluster.
 """
 
 from __future__ import annotations
@@ -13,16 +14,21 @@ import math
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 import yaml
+from ray.tune.execution.tune_controller import TuneController
 from ray.tune.experiment import Trial
-from ray.tune.schedulers import TrialScheduler
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
 
+from autoassign.engine import TrainState
 from autoassign.errors import ConfigError
 from orchestration.config import SchedulerConfig, asha_rungs, load_sweep_config
-from orchestration.schedulers import build_scheduler
+from orchestration.schedulers import TUNE_ENV, build_scheduler
+from orchestration.worker import RayReporter
 
 REPO = Path(__file__).resolve().parents[2]
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
@@ -161,3 +167,38 @@ def test_asha_decides_on_evaluated_epochs_only():
     assert rung_4 == {"good": 0.6}
     assert scheduler.on_trial_result(None, bad, {"epoch": 4, "score": 0.2}) == STOP
     assert scheduler.stopped_count("shapes") == 1
+
+
+def test_tune_ends_the_sweep_on_a_result_without_score_unless_told_not_to(monkeypatch):
+    """Why the sweep driver needs TUNE_ENV: Tune's own check, on a stand-in controller."""
+    controller = types.SimpleNamespace(
+        _metric="score", _scheduler_alg=FIFOScheduler(), _search_alg=BasicVariantGenerator()
+    )
+    unevaluated = {"epoch": 1, "iteration": 10, "train/loss": 1.5}
+    monkeypatch.delenv("TUNE_DISABLE_STRICT_METRIC_CHECKING", raising=False)
+    with pytest.raises(ValueError, match="did not include the specified metric"):
+        TuneController._validate_result_metrics(controller, unevaluated)
+    for name, value in TUNE_ENV.items():
+        monkeypatch.setenv(name, value)
+    TuneController._validate_result_metrics(controller, unevaluated)
+
+
+def test_an_epoch_without_evaluation_reports_no_score(monkeypatch):
+    """``ray.train.report`` only works inside a Ray Train worker, so it is replaced here by
+    one that keeps what it was given; everything before it is the reporter's own code."""
+    reports = []
+    monkeypatch.setattr(
+        "ray.train.report", lambda metrics, checkpoint=None: reports.append(metrics)
+    )
+    reporter = RayReporter("bbox_mAP")
+    state = TrainState(epoch_losses={"loss": 1.25})
+    for epoch, metrics in ((1, {}), (2, {"bbox_mAP": 0.31, "bbox_mAP_50": 0.5}), (3, {})):
+        state.epoch, state.epochs_completed, state.iteration = epoch - 1, epoch, 10 * epoch
+        reporter.on_epoch_end(state, metrics)
+    first, evaluated, after = reports
+    assert "score" not in first and "score" not in after  # neither 0 nor carried forward
+    assert first == {"epoch": 1, "iteration": 10, "train/loss": 1.25}
+    assert evaluated["score"] == 0.31 and evaluated["bbox_mAP_50"] == 0.5
+    assert math.isnan(reporter.score)  # the last epoch reported had no evaluation
+    reporter.on_epoch_end(state, {"bbox_mAP": math.nan})
+    assert reports[-1]["score"] == 0.0  # evaluated, but no finite value: the lowest AP
