@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from autoassign.errors import ConfigError
+from orchestration.error_text import ray_error_reason
 
 # What a sweep job never uploads. Ray reads these as .gitignore lines: a pattern without a
 # slash matches at any depth ("data" would also drop the autoassign/data package), a leading
@@ -43,7 +44,6 @@ UPLOAD_LIMIT_FALLBACK = 100 * 1024**2
 # Ray's refusal of a submission id it already has: "Job with submission_id X already exists."
 _ALREADY_EXISTS = re.compile(r"submission_id \S+ already exists")
 # The exception line that ends a Python traceback: "ValueError: msg", "pkg.mod.SomeError: msg".
-_EXCEPTION_LINE = re.compile(r"^(?P<type>[A-Za-z_][\w.]*)(?::[ \t]?(?P<message>.*))?$")
 
 
 class JobsError(Exception):
@@ -333,25 +333,3 @@ def active_jobs(client: Any, schedule: str) -> list[Any]:
 
 def status_text(job: Any) -> str:
     return str(getattr(job.status, "value", job.status))
-
-
-def ray_error_reason(error: BaseException) -> str:
-    """The line of a Ray client error that says what went wrong.
-
-    The Jobs API answers a failed request with the server's Python traceback as the body,
-    so the client's message is "Request failed with status code 500: Traceback (most recent
-    call last): ..." with the server's own exception on the last exception line (its message
-    only is returned). Other errors are one line, returned as they are.
-    """
-    text = str(error).strip()
-    if not text:
-        return type(error).__name__
-    lines = [line.rstrip() for line in text.splitlines() if line.strip(" .")]
-    if "Traceback (most recent call last)" in text:
-        for line in reversed(lines):
-            match = _EXCEPTION_LINE.match(line)
-            if match:
-                return (match["message"] or match["type"]).strip()
-    # Ray's client ends the body it quotes with a "." of its own: "...: Job x does not exist.."
-    first = lines[0]
-    return first[:-1] if first.endswith("..") else first

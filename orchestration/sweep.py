@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import functools
 import json
+import logging
 import os
 import platform
 import signal
@@ -38,8 +39,10 @@ from typing import Any
 
 from autoassign.errors import AutoAssignError, ConfigError, run_cli
 from orchestration.config import SweepConfig, check_dataset_folders, load_sweep_config
+from orchestration.error_text import ray_error_reason
 from orchestration.redaction import redact, redact_data
 from orchestration.storage import write_text_atomically
+from orchestration.sweep_output import LOG_FILE, SweepOutput, say
 from orchestration.sweep_state import LEADERBOARD, SweepLock, SweepRecord
 
 COMPARISON = "compare.md"
@@ -77,6 +80,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="finish the sweep recorded in OUTPUT_DIR/manifest.json (after a dead driver)",
     )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's, Tune's and MLflow's own output too (by default it goes to "
+        "OUTPUT_DIR/sweep.log)",
+    )
     return parser.parse_intermixed_args(argv)
 
 
@@ -105,10 +114,15 @@ def run(args: argparse.Namespace) -> None:
         sweep_id = manifest["sweep_id"] if manifest else new_sweep_id(sweep.name)
         lock.record(sweep_id)
         make_paths_absolute(sweep)
-        datasets.scan_all(sweep, write_synthetic=True, source=str(args.config))
-        leaderboard = run_sweep(
-            sweep, config_path=args.config, sweep_id=sweep_id, manifest=manifest
-        )
+        log_path = record.output_dir / LOG_FILE
+        with SweepOutput(log_path, verbose=args.verbose) as output:
+            scans = datasets.scan_all(sweep, write_synthetic=True, source=str(args.config))
+            say(format_plan(sweep, scans, resolve_locations(sweep)))
+            say(f"log: {log_path}" + ("" if args.verbose else " (Ray's and MLflow's output)"))
+            leaderboard = run_sweep(
+                sweep, config_path=args.config, sweep_id=sweep_id, manifest=manifest,
+                output=output,
+            )  # fmt: skip
     failed = [row["dataset"] for row in leaderboard if row["status"] == "failed"]
     if failed:
         raise SweepError(f"every trial failed for dataset(s): {', '.join(failed)}")
@@ -297,6 +311,7 @@ def run_sweep(
     config_path: Path,
     sweep_id: str,
     manifest: dict[str, Any] | None = None,
+    output: SweepOutput | None = None,
 ) -> list[dict[str, Any]]:
     """Run (or, given the manifest of an earlier run, resume) the sweep; returns the
     leaderboard rows.
@@ -344,9 +359,9 @@ def run_sweep(
         record.write_manifest(manifest)
         tracker.publish_runs_view(runs_view_metrics(sweep), list(describe_space(sweep)))
         url = tracker.runs_table_url(sweep.tracking.ui_url, with_view=True)
-        print(f"sweep {sweep_id}: MLflow parent run {parent_run_id}")
-        print(f"MLflow runs table: {url or ui_hint(where, tracker)}")
-        results = _fit_on_ray(sweep, where, sweep_id, parent_run_id, tracker, resuming)
+        say(f"sweep {sweep_id}: MLflow parent run {parent_run_id}")
+        say(f"MLflow runs table: {url or ui_hint(where, tracker)}")
+        results = _fit_on_ray(sweep, where, sweep_id, parent_run_id, tracker, resuming, output)
         rows = _finish(sweep, where, record, manifest, results, tracker)
     except KeyboardInterrupt:
         _end_parent(tracker, parent_run_id, "KILLED")
@@ -359,7 +374,8 @@ def run_sweep(
         )
         raise
     except BaseException as error:
-        reason = f"{type(error).__name__}: {error}".splitlines()[0][:2000]
+        logging.getLogger(__name__).error("sweep %s failed", sweep_id, exc_info=error)
+        reason = f"{type(error).__name__}: {ray_error_reason(error)}"[:2000]
         _end_parent(tracker, parent_run_id, "FAILED", reason=reason)
         manifest.update(status="failed", error=reason)
         with contextlib.suppress(Exception):  # the record must not hide the first error
@@ -370,7 +386,7 @@ def run_sweep(
             f"sweep {sweep_id} failed: {reason}; finished trials are kept: once the cause is "
             f"fixed, continue with: python -m orchestration.sweep {config_path} --resume"
         ) from error
-    print(f"MLflow runs table: {url or ui_hint(where, tracker)}")
+    say(f"MLflow runs table: {url or ui_hint(where, tracker)}")
     return rows
 
 
@@ -381,15 +397,19 @@ def _fit_on_ray(
     parent_run_id: str,
     tracker: Any,
     resuming: bool,
+    output: SweepOutput | None = None,
 ) -> Any:
     """Every trial, on a Ray started (or joined) for the purpose; KeyboardInterrupt when
     Ctrl-C stopped Tune."""
     import ray
 
-    _init_ray(where)
+    verbose = output is None or output.verbose
+    _init_ray(where, configure_logging=verbose)
+    if output is not None:
+        output.route_ray_processes()
     try:
         with ctrl_c_watch() as interrupted:
-            results = _fit(sweep, where, sweep_id, parent_run_id, tracker, resuming)
+            results = _fit(sweep, where, sweep_id, parent_run_id, tracker, resuming, verbose)
     finally:
         ray.shutdown()
     if interrupted():
@@ -423,8 +443,8 @@ def _finish(
     _log_comparison(tracker, where, sweep_id, parent_run_id)
     if sweep.tracking.register_models:
         _register_models(tracker, where, rows, sweep_id, record, manifest)
-    print(format_leaderboard(rows))
-    print(f"leaderboard: {record.leaderboard_path}")
+    say(format_leaderboard(rows))
+    say(f"leaderboard: {record.leaderboard_path}")
     failed = any(row["status"] == "failed" for row in rows)
     tracker.end_run(parent_run_id, "FAILED" if failed else "FINISHED")
     manifest["status"] = "finished"
@@ -453,7 +473,7 @@ def _log_comparison(tracker: Any, where: Locations, sweep_id: str, parent_run_id
     try:
         _, summaries = load_trials(tracker.client, where.experiment, sweep_id=sweep_id)
     except CompareError as error:  # no trial ever opened a run
-        print(f"no comparison table: {error}")
+        say(f"no comparison table: {error}")
         return
     path = where.output_dir / COMPARISON
     write_text_atomically(path, markdown_table(summaries))
@@ -483,19 +503,22 @@ def _register_models(
         for registration in register_best(
             tracker.client, [row], storage=storage, sweep_id=sweep_id
         ):
-            print(f"registry: {registration.model} version {registration.version}: "
+            say(f"registry: {registration.model} version {registration.version}: "
                   f"{registration.comparison}")  # fmt: skip
             done[row["dataset"]] = f"{registration.model}/{registration.version}"
         record.write_manifest(manifest)
 
 
-def _init_ray(where: Locations) -> None:
+def _init_ray(where: Locations, *, configure_logging: bool = True) -> None:
+    """Start or join Ray; ``configure_logging=False`` leaves Ray's driver logger without a
+    terminal handler of its own (its records then reach the sweep's log file)."""
     import ray
 
+    options: dict[str, Any] = {"log_to_driver": True, "configure_logging": configure_logging}
     if where.ray_address:
-        ray.init(address=where.ray_address, log_to_driver=True)
+        ray.init(address=where.ray_address, **options)
     else:
-        ray.init(include_dashboard=False, log_to_driver=True)
+        ray.init(include_dashboard=False, **options)
 
 
 def _fit(
@@ -505,13 +528,14 @@ def _fit(
     parent_run_id: str,
     tracker: Any,
     resuming: bool,
+    verbose: bool = True,
 ) -> Any:
     import ray
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from orchestration.run_closing import RunCloser
-    from orchestration.schedulers import build_scheduler
+    from orchestration.schedulers import TUNE_ENV, build_scheduler
     from orchestration.search import param_space
     from orchestration.storage import Storage
     from orchestration.trial import (
@@ -522,6 +546,7 @@ def _fit(
         trial_params,
     )
 
+    os.environ.update(TUNE_ENV)  # epochs without an evaluation report no score
     storage = Storage(where.storage_root, where.storage_endpoint)
     storage_path, filesystem = storage.ray_storage()
     context = SweepContext(
@@ -542,15 +567,15 @@ def _fit(
         name=sweep_id,
         storage_path=storage_path,
         storage_filesystem=filesystem,
-        callbacks=[RunCloser(tracker, sweep_id)],
+        callbacks=[RunCloser(tracker, sweep_id), trial_progress(sweep)],
         failure_config=trial_failure_config(sweep),
-        verbose=1,
+        verbose=1 if verbose else 0,  # 1: Tune's trial table every 30 s
     )
     experiment_path = f"{storage_path}/{sweep_id}"
     if resuming:  # check_restorable made sure Tune's state is there
         closed = tracker.close_stale_runs(sweep_id, keep=[])
         if closed:
-            print(f"closed {len(closed)} run(s) left RUNNING by the previous driver")
+            say(f"closed {len(closed)} run(s) left RUNNING by the previous driver")
         tuner = tune.Tuner.restore(
             experiment_path,
             trainable=trainable,
@@ -589,6 +614,27 @@ def _fit(
         run_config=run_config,
     )
     return tuner.fit()
+
+
+def trial_progress(sweep: SweepConfig) -> Any:
+    """The Tune callback printing each trial's epochs and end (see :mod:`sweep_output`)."""
+    from orchestration.config import trial_experiment
+    from orchestration.search import trials_per_dataset
+    from orchestration.trial import DATASET_KEY, trial_params
+    from orchestration.trial_progress import TrialProgress
+
+    by_name = {dataset.name: dataset for dataset in sweep.datasets}
+
+    def epochs_of(tune_config: dict[str, Any]) -> int:
+        dataset = by_name[tune_config[DATASET_KEY]]
+        experiment = trial_experiment(sweep, dataset, trial_params(tune_config))
+        return experiment.train.resolved_schedule()[0]
+
+    return TrialProgress(
+        {dataset.name: dataset.ranking_metric for dataset in sweep.datasets},
+        epochs_of,
+        trials_total=trials_per_dataset(sweep) * len(sweep.datasets),
+    )
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ schedule position, RNG states) into the same MLflow run.
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -28,6 +29,27 @@ from autoassign.engine import Callback, Trainer, TrainState
 from autoassign.errors import NonFiniteLossError
 from orchestration.tracking import OUTAGE_WAIT_S
 from orchestration.trial import NONFINITE_KEY
+
+WARNINGS_KEY = "warnings"
+"""A report's list of the project's warnings logged on rank 0 since the previous report:
+the worker's output goes to the sweep's log file, these reach the terminal too."""
+
+
+class WarningsForTheDriver(logging.Handler):
+    """Keeps the messages of the project's warnings (``orchestration.*``, ``autoassign.*``)
+    logged in this worker process, for :class:`RayReporter` to send with its next report."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.messages: list[str] = []
+        self.addFilter(lambda record: record.name.startswith(("orchestration", "autoassign")))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def take(self) -> list[str]:
+        messages, self.messages = self.messages, []
+        return messages
 
 
 class RayReporter(Callback):
@@ -55,6 +77,11 @@ class RayReporter(Callback):
         self.pending_checkpoint: Path | None = None
         self.score = math.nan
         self.reported_dirs: list[Path] = []
+        self.resumed_from: int | None = None
+        """Epochs completed by the checkpoint this worker group started from, if any: sent
+        once, as ``resumed_from_epoch`` (the terminal says the trial continued from it)."""
+        self.warnings: WarningsForTheDriver | None = None
+        """Rank 0's warnings, sent as ``warnings`` (see :data:`WARNINGS_KEY`)."""
 
     def on_checkpoint(self, state: TrainState, path: Path) -> None:
         self.pending_checkpoint = Path(path)
@@ -67,6 +94,8 @@ class RayReporter(Callback):
             "epoch": state.epochs_completed,
             "iteration": state.iteration,
             **({} if math.isnan(self.score) else {"score": self.score}),
+            **({} if self.resumed_from is None else {"resumed_from_epoch": self.resumed_from}),
+            **self._warnings(),
             **{f"train/{name}": value for name, value in state.epoch_losses.items()},
             # Per-class APs go to MLflow only: Tune's table and result files stay readable.
             **{name: value for name, value in metrics.items() if not name.startswith("AP/")},
@@ -75,9 +104,14 @@ class RayReporter(Callback):
         if self.pending_checkpoint is not None and state.is_main_process:
             checkpoint = ray.train.Checkpoint.from_directory(str(self.pending_checkpoint))
         ray.train.report(report, checkpoint=checkpoint)
+        self.resumed_from = None
         if self.pending_checkpoint is not None and state.is_main_process:
             self._prune_local(self.pending_checkpoint)
         self.pending_checkpoint = None
+
+    def _warnings(self) -> dict[str, list[str]]:
+        messages = self.warnings.take() if self.warnings is not None else []
+        return {WARNINGS_KEY: messages} if messages else {}
 
     def _score_of(self, metrics: dict[str, float]) -> float:
         """The epoch's score (see the class docstring); NaN when it was not evaluated."""
@@ -109,6 +143,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     rank = context.get_world_rank()
     work_dir = Path(loop_config["work_dir"])
     reporter = RayReporter(loop_config["ranking_metric"])
+    if rank == 0:
+        reporter.warnings = WarningsForTheDriver()
+        logging.getLogger().addHandler(reporter.warnings)
     callbacks: list[Callback] = [reporter]
     logger = None
     if rank == 0 and loop_config.get("run_id"):
@@ -134,6 +171,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if checkpoint is not None:
             with checkpoint.as_directory() as directory:
                 trainer.load_checkpoint(directory)
+            reporter.resumed_from = trainer.state.epochs_completed
         trainer.fit()
     except NonFiniteLossError as error:
         # Every rank raises it together (the engine agrees on it first); ending the loop with
@@ -146,6 +184,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             {
                 NONFINITE_KEY: str(error),
                 "epoch": trainer.state.epochs_completed,
-                "score": reporter.score,
+                **({} if math.isnan(reporter.score) else {"score": reporter.score}),
             }
         )

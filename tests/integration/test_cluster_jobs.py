@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestration.cluster_jobs import TERMINAL_STATUSES, ray_error_reason
+from orchestration.cluster_jobs import TERMINAL_STATUSES
 from orchestration.cron_runner import FOUND_ON_CLUSTER, submission_id
+from orchestration.error_text import ray_error_reason
 from orchestration.job_history import SKIPPED, SUBMITTED, JobHistory
 from tests.integration.conftest import synthetic, tiny_sweep
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -93,7 +94,8 @@ def past_the_first_checkpoint(client, s3_server, sweep: str):
 
 def assert_three_epochs_once_from_a_restore(client, run_id: str, log: str) -> None:
     """Epochs 1..3 and every step logged once, and the last start of the trial's training
-    restored a checkpoint (it did not start from iteration 0)."""
+    restored a checkpoint (it did not start from iteration 0); ``log``: the sweep's log file,
+    where its workers' output goes."""
     epochs = epochs_logged(client, run_id)
     assert [value for _, value in epochs] == [1, 2, 3]  # each epoch logged once
     per_epoch = epochs[0][0]
@@ -137,14 +139,18 @@ def kill_after_the_first_checkpoint(sweep_runner, mlflow_server, s3_server, name
     return code, path.with_suffix(".log").read_text(), client, run
 
 
-def assert_one_finished_run_restored(client, name, run, code, log):
+def assert_one_finished_run_restored(client, name, run, code, log, folder):
     assert code == 0, log[-4000:]
+    # The terminal says so in words, once per epoch.
+    assert re.search(r"^\S+  continued from its checkpoint of epoch [12] ", log, re.M), log
+    assert sorted(re.findall(r"^\S+  epoch (\d)/3  ", log, re.M)) == ["1", "2", "3"], log
     runs = trial_runs(client, name)
     assert len(runs) == 1 and runs[0].info.run_id == run.info.run_id
     assert runs[0].info.status == "FINISHED"
     assert "autoassign.failure_reason" not in runs[0].data.tags
     # The replacement restored a checkpoint and logged nothing twice.
-    assert_three_epochs_once_from_a_restore(client, run.info.run_id, log)
+    worker_log = (folder / name / "sweep.log").read_text()
+    assert_three_epochs_once_from_a_restore(client, run.info.run_id, worker_log)
 
 
 def test_killed_worker_is_replaced_and_continues_into_the_same_run(
@@ -159,7 +165,7 @@ def test_killed_worker_is_replaced_and_continues_into_the_same_run(
     code, log, client, run = kill_after_the_first_checkpoint(
         sweep_runner, mlflow_server, s3_server, name, workers
     )
-    assert_one_finished_run_restored(client, name, run, code, log)
+    assert_one_finished_run_restored(client, name, run, code, log, sweep_runner.folder)
 
 
 def test_killed_trial_driver_is_started_again_by_tune_into_the_same_run(
@@ -178,7 +184,7 @@ def test_killed_trial_driver_is_started_again_by_tune_into_the_same_run(
     code, log, client, run = kill_after_the_first_checkpoint(
         sweep_runner, mlflow_server, s3_server, name, the_driver
     )
-    assert_one_finished_run_restored(client, name, run, code, log)
+    assert_one_finished_run_restored(client, name, run, code, log, sweep_runner.folder)
 
 
 def test_resume_after_the_driver_was_killed(sweep_runner, mlflow_server, s3_server):

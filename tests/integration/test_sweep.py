@@ -72,6 +72,61 @@ def test_sweep_exits_zero_and_writes_leaderboard(finished_sweep):
     assert manifest["status"] == "finished" and len(manifest["trials"]) == 4
 
 
+TERMINAL_NOISE = (
+    "PlacementGroupCleaner",
+    "Checkpoint successfully created at",
+    "Reporting training result",
+    "core_worker.cc",
+    "PreemptionWatcher",
+    "Requesting resources",
+    "Attempting to start training worker group",
+    "world_rank=",
+    "Setting up process group",
+    "CloudPickle",
+    "Add type hints",
+    "Downloading artifacts",
+    "Trial status:",
+    "Configuration for experiment",
+    "(RayTrainWorker pid=",
+    "(TrainController pid=",
+    "Traceback",
+)
+"""What Ray, Tune and MLflow printed on a sweep's terminal before issue 17 (hundreds of lines
+a demo sweep): by default it goes to the sweep's log file."""
+EPOCH_LINE = re.compile(r"^(?P<trial>\S+)  epoch (?P<epoch>\d+)/(?P<total>\d+)  loss ", re.M)
+
+
+def test_the_terminal_shows_the_sweep_and_the_log_file_the_rest(finished_sweep):
+    log = finished_sweep["log"]  # the sweep's stdout and stderr
+    for noise in TERMINAL_NOISE:
+        assert noise not in log, noise
+    epochs: dict[str, list[int]] = {}
+    for line in EPOCH_LINE.finditer(log):
+        assert line["total"] == "2", line[0]
+        epochs.setdefault(line["trial"], []).append(int(line["epoch"]))
+    # Each epoch once, in order: the good trials' two, the bad ones' first (they fail in
+    # the second); the evaluated metric on each.
+    assert epochs == {
+        "shapes·lr=0.01": [1, 2],
+        "faces·lr=0.01": [1, 2],
+        "shapes·lr=1e+08": [1],
+        "faces·lr=1e+08": [1],
+    }, epochs
+    assert re.search(r"^shapes·lr=0.01  epoch 2/2  loss .* bbox_mAP \d\.\d{4}", log, re.M)
+    finished = re.findall(r"^(\S+)  finished: 2 epochs in .*\(\d/4 trials ended\)$", log, re.M)
+    assert sorted(finished) == ["faces·lr=0.01", "shapes·lr=0.01"]
+    failed = re.findall(r"^(\S+)  FAILED in epoch 2: (.*)$", log, re.M)
+    assert len(failed) == 2 and all("non-finite" in reason for _, reason in failed), failed
+    assert "leaderboard (best trial per dataset)" in log
+    assert re.search(r"^registry: autoassign-shapes version \d+: ", log, re.M)
+    # Nothing was lost: Ray's processes' lines are in the log file.
+    file_text = (finished_sweep["output"] / "sweep.log").read_text()
+    assert "Reporting training result" in file_text and "(RayTrainWorker pid=" in file_text
+    assert "shapes·lr=0.01  epoch 2/2" in file_text  # and the terminal's lines, with times
+    lines = log.splitlines()
+    assert len(lines) < 60, f"{len(lines)} lines:\n{log}"
+
+
 def test_parent_and_child_runs(finished_sweep, mlflow_server):
     client, runs = _runs(mlflow_server)
     parents = [r for r in runs if r.data.tags.get("autoassign.kind") == "sweep"]
@@ -378,8 +433,12 @@ def test_ctrl_c_records_the_sweep_as_interrupted_and_resume_finishes_it(
     ]
     assert parent.info.status == "KILLED"
 
-    code, log = sweep_runner.run(path, "--resume")
+    code, log = sweep_runner.run(path, "--resume", "--verbose")
     assert code == 0, log[-4000:]
+    # --verbose brings Ray's own lines back to the terminal (Tune's verbosity is part of the
+    # state Tuner.restore reads: a resumed sweep keeps the first run's, without its table).
+    resumed_part = log.split("\ninterrupted\n", 1)[-1]
+    assert "(RayTrainWorker pid=" in resumed_part and "Reporting training result" in resumed_part
     (trial,) = trial_runs(client, name)
     assert trial.info.run_id == running.info.run_id and trial.info.status == "FINISHED"
     assert [v for _, v in epochs_logged(client, trial.info.run_id)] == [1, 2, 3, 4, 5, 6]

@@ -19,10 +19,10 @@ from autoassign.errors import ConfigError
 from orchestration.cluster_jobs import (
     WORKING_DIR_EXCLUDES,
     SweepJob,
-    ray_error_reason,
     upload_limit,
     upload_sizes,
 )
+from orchestration.error_text import ray_error_reason
 
 REPO = Path(__file__).resolve().parents[2]
 MIB = 1024**2
