@@ -27,3 +27,10 @@ def ray_error_reason(error: BaseException) -> str:
     # Ray's client ends the body it quotes with a "." of its own: "...: Job x does not exist.."
     first = lines[0]
     return first[:-1] if first.endswith("..") else first
+
+
+def first_line(error: BaseException, limit: int = 2000) -> str:
+    """The first line of ``error``'s message (its type's name when it has none), at most
+    ``limit`` characters: what a run's failure reason and a warning show."""
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:limit]

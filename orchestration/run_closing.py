@@ -27,6 +27,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from orchestration.error_text import first_line
 from orchestration.tracking import (
     TAG_EARLY_STOPPED,
     TAG_SWEEP_ID,
@@ -34,7 +35,7 @@ from orchestration.tracking import (
     Tracker,
     fail_fast_requests,
 )
-from orchestration.trial import NONFINITE_KEY, first_line
+from orchestration.trial import NONFINITE_KEY
 
 logger = logging.getLogger(__name__)
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestration.config import SweepConfig, trial_experiment
+from orchestration.error_text import first_line
 from orchestration.tracking import OUTAGE_WAIT_S
 
 logger = logging.getLogger(__name__)
@@ -285,10 +286,3 @@ def _record_failure(tracker: Any, run_id: str | None, reason: str, tags: dict[st
 def _checkpoint_uri(storage: Any, checkpoint: Any) -> str:
     path = checkpoint.path
     return f"s3://{path}" if storage.is_s3 and not path.startswith("s3://") else path
-
-
-def first_line(error: BaseException, limit: int = 2000) -> str:
-    """The first line of ``error``'s message (its type's name when it has none), at most
-    ``limit`` characters: what a run's failure reason and a warning show."""
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:limit]
