@@ -8,7 +8,7 @@ registry) in ``pyproject.toml``, so ``python -m autoassign.predict models:/...``
 the library importing MLflow. Another package can register its own scheme the same way::
 
     [project.entry-points."autoassign.checkpoint_resolvers"]
-    models = "orchestration.registry:resolve_model_uri"
+    models = "orchestration.tracking.registry:resolve_model_uri"
 """
 
 from __future__ import annotations

@@ -2,6 +2,6 @@
 
 import sys
 
-from orchestration.sweep import main
+from orchestration.running.cli import main
 
 sys.exit(main())

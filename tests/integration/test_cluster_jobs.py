@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestration.cluster_jobs import TERMINAL_STATUSES
-from orchestration.cron_runner import FOUND_ON_CLUSTER, submission_id
-from orchestration.error_text import ray_error_reason
-from orchestration.job_history import SKIPPED, SUBMITTED, JobHistory
+from orchestration.cluster.job_history import SKIPPED, SUBMITTED, JobHistory
+from orchestration.cluster.ray_jobs import TERMINAL_STATUSES
+from orchestration.cluster.scheduler import FOUND_ON_CLUSTER, submission_id
+from orchestration.common.error_text import ray_error_reason
 from tests.integration.conftest import synthetic, tiny_sweep
 
 REPO = Path(__file__).resolve().parents[2]
@@ -289,9 +289,9 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from orchestration import cron_runner
-from orchestration.cron_schedules import load_schedule_file
-from orchestration.job_history import JobHistory
+from orchestration.cluster import scheduler as cron_runner
+from orchestration.cluster.schedules import load_schedule_file
+from orchestration.cluster.job_history import JobHistory
 
 schedules = load_schedule_file(Path(sys.argv[1]))
 # What run_scheduler sets up before APScheduler calls fire_schedule at a fire time.

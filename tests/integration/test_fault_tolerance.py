@@ -301,8 +301,9 @@ def stub_trial():
 def test_run_closing_waits_out_a_stopped_tracking_server(mlflow_server):
     """The sweep driver's callback against a server that is down: it must not raise (Tune
     would error the trial, then stop the sweep), and it closes the runs once it is back."""
-    from orchestration.run_closing import RunCloser
-    from orchestration.tracking import TAG_EARLY_STOPPED, TAG_SWEEP_ID, TAG_TRIAL_ID, Tracker
+    from orchestration.tracking.run_closing import RunCloser
+    from orchestration.tracking.tags import TAG_EARLY_STOPPED, TAG_SWEEP_ID, TAG_TRIAL_ID
+    from orchestration.tracking.tracker import Tracker
 
     sweep_id = "it-closing-1"
     tracker = Tracker(mlflow_server.uri, "it-closing")
@@ -335,8 +336,8 @@ def test_a_trial_start_waits_out_a_tracking_outage(mlflow_server, sweep_runner, 
     run once the server is back; with a wait shorter than the outage it gives up."""
     from mlflow.exceptions import MlflowException
 
-    from orchestration.config import SweepConfig, trial_experiment
-    from orchestration.trial import SweepContext, open_trial_run
+    from orchestration.definition.sweep_config import SweepConfig, trial_experiment
+    from orchestration.running.trial import SweepContext, open_trial_run
 
     for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT"):  # fmt: skip

@@ -273,7 +273,7 @@ def test_compare_from_mlflow_alone_agrees_with_the_leaderboard(finished_sweep, m
 
 
 def test_best_trials_are_registered_and_load_from_the_registry(finished_sweep, mlflow_server):
-    from orchestration.registry import load_detector
+    from orchestration.tracking.registry import load_detector
 
     client = mlflow_server.client()
     board = json.loads((finished_sweep["output"] / "leaderboard.json").read_text())

@@ -16,13 +16,13 @@ import pytest
 import yaml
 
 from autoassign.errors import ConfigError
-from orchestration.cluster_jobs import (
+from orchestration.cluster.ray_jobs import (
     WORKING_DIR_EXCLUDES,
     SweepJob,
     upload_limit,
     upload_sizes,
 )
-from orchestration.error_text import ray_error_reason
+from orchestration.common.error_text import ray_error_reason
 
 REPO = Path(__file__).resolve().parents[2]
 MIB = 1024**2

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestration.compare import main
-from orchestration.tracking import (
+from orchestration.results.compare import main
+from orchestration.tracking.tags import (
     TAG_CHECKPOINT,
     TAG_DATASET,
     TAG_FORMAT,

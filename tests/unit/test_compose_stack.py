@@ -365,7 +365,7 @@ def test_the_example_schedule_loads_as_the_scheduler_service_reads_it(tmp_path):
     stack's head, uploads the project folder (/app in the image) and keeps checkpoints in the
     stack's checkpoint bucket, which every worker container can reach, once the folder has
     the ImageNet weights its recipes name (below: a copy of the project that has them)."""
-    from orchestration.cron_schedules import load_schedule_file
+    from orchestration.cluster.schedules import load_schedule_file
 
     project = tmp_path / "app"
     for folder in ("configs", "schedules"):

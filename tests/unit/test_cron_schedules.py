@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from autoassign.errors import ConfigError
-from orchestration.cron_runner import fire_key, submission_id
-from orchestration.cron_schedules import cron_trigger, load_schedule_file
-from orchestration.job_history import SKIPPED, SUBMITTED, JobHistory
+from orchestration.cluster.job_history import SKIPPED, SUBMITTED, JobHistory
+from orchestration.cluster.scheduler import fire_key, submission_id
+from orchestration.cluster.schedules import cron_trigger, load_schedule_file
 
 REPO = Path(__file__).resolve().parents[2]
 UTC = timezone.utc

@@ -10,8 +10,8 @@ import json
 
 import pytest
 
-from orchestration.prior_shift import _same_sign, main, shape_mass_offset
-from orchestration.tracking import TAG_DATASET, TAG_FORMAT, TAG_KIND, TAG_METRIC, TAG_SWEEP_ID
+from orchestration.results.prior_shift import _same_sign, main, shape_mass_offset
+from orchestration.tracking.tags import TAG_DATASET, TAG_FORMAT, TAG_KIND, TAG_METRIC, TAG_SWEEP_ID
 
 # (variant, seed, l_shape mean, disc mean)
 PRIORS = [

@@ -1,5 +1,6 @@
 """Per-dataset recipes: the files in configs/ validate, and a sweep dataset's ``recipe``
-applies over ``base`` with the dataset's overrides over it (orchestration.config)."""
+applies over ``base`` with the dataset's overrides over it
+(orchestration.definition.sweep_config)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,11 @@ import pytest
 from autoassign.config import ExperimentConfig
 from autoassign.config_loading import load_experiment_config
 from autoassign.errors import ConfigError
-from orchestration.config import check_dataset_folders, load_sweep_config, trial_experiment
+from orchestration.definition.sweep_config import (
+    check_dataset_folders,
+    load_sweep_config,
+    trial_experiment,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = ["coco_r50_1x", "voc0712_r50", "objects365_r50", "widerface_r50"]
@@ -69,7 +74,7 @@ def test_multi_dataset_trials_follow_their_recipes(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"datasets.0 \(coco\): model.backbone.weights"):
         check_dataset_folders(sweep, source="multi_dataset.yaml")
     # ... and travels to the workers as an absolute path, like the dataset roots.
-    from orchestration.sweep import make_paths_absolute
+    from orchestration.running.cli import make_paths_absolute
 
     monkeypatch.chdir(tmp_path)
     make_paths_absolute(sweep)

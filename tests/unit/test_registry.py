@@ -1,4 +1,4 @@
-"""The model registry (orchestration.registry) on a real SQLite MLflow store with local
+"""The model registry (orchestration.tracking.registry) on a real SQLite MLflow store with local
 artifacts: versions and the ``best`` alias over three sweeps, the second one worse; loading a
 registered model predicts exactly what its checkpoint predicts. The registration at the end of
 a real sweep on an ``mlflow server`` with S3 artifacts is in tests/integration/test_sweep.py.
@@ -16,15 +16,15 @@ from autoassign.config import ExperimentConfig
 from autoassign.engine.checkpoint import CHECKPOINT_FILE, save_checkpoint
 from autoassign.model import build_detector
 from autoassign.predict import Predictor
-from orchestration.mlflow_model import SIGNATURE
-from orchestration.registry import (
+from orchestration.running.storage import Storage
+from orchestration.tracking.mlflow_model import SIGNATURE
+from orchestration.tracking.registry import (
     BEST_ALIAS,
     TAG_COMPARISON,
     load_detector,
     register_best,
     resolve_version,
 )
-from orchestration.storage import Storage
 from tests.unit.test_engine import tiny_config
 
 
@@ -101,7 +101,7 @@ def test_a_loaded_model_predicts_what_its_checkpoint_predicts(world):
 
 
 def test_cli_load_and_unknown_models(world, tmp_path, capsys):
-    from orchestration import registry
+    from orchestration.tracking import registry
 
     finish_sweep(world, "sweep1", 0.40)
     cli = ["--tracking-uri", world["uri"]]
@@ -149,7 +149,7 @@ def test_a_saved_model_is_code_not_a_pickle_and_saving_warns_of_nothing(world, t
     import logging
     import warnings
 
-    from orchestration.mlflow_model import save_detector_model
+    from orchestration.tracking.mlflow_model import save_detector_model
 
     records: list[logging.LogRecord] = []
     handler = logging.Handler()

@@ -1,4 +1,4 @@
-"""Registry identities (orchestration.registry) on a real SQLite MLflow store with real
+"""Registry identities (orchestration.tracking.registry) on a real SQLite MLflow store with real
 checkpoint files: a version competes for ``best`` only with versions of the same data
 (format, class names, evaluation split, ranking metric), whatever the dataset is called in
 the sweep config. The synthetic demo's 6-class "coco" must not take ``best`` from a real
@@ -17,7 +17,8 @@ from autoassign.config import ExperimentConfig
 from autoassign.data.synthetic.shapes import SHAPES
 from autoassign.engine.checkpoint import CHECKPOINT_FILE, save_checkpoint
 from autoassign.model import build_detector
-from orchestration.registry import (
+from orchestration.running.storage import Storage
+from orchestration.tracking.registry import (
     BEST_ALIAS,
     TAG_COMPARISON,
     TAG_IDENTITY,
@@ -27,7 +28,6 @@ from orchestration.registry import (
     TAG_VALUE,
     register_best,
 )
-from orchestration.storage import Storage
 from tests.unit.test_engine import tiny_config
 
 COCO_CLASSES = ["person", "bicycle", "car", "motorcycle", "airplane"] + [

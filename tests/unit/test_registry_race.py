@@ -1,4 +1,4 @@
-"""Two sweeps registering into the same registry at once (orchestration.registry) on a real
+"""Two sweeps registering into the same registry at once (orchestration.tracking.registry) on a real
 SQLite MLflow store: the ``best`` alias ends on the better version whatever the interleaving.
 
 MLflow has no compare-and-set for aliases. The interleaving tests run the bad order by hand:
@@ -17,8 +17,13 @@ from typing import Any
 
 import pytest
 
-from orchestration.registry import BEST_ALIAS, DatasetIdentity, register_best, register_version
-from orchestration.storage import Storage
+from orchestration.running.storage import Storage
+from orchestration.tracking.registry import (
+    BEST_ALIAS,
+    DatasetIdentity,
+    register_best,
+    register_version,
+)
 from tests.unit.test_registry_identity import (
     COCO_CLASSES,
     DEMO_CLASSES,

@@ -16,16 +16,16 @@ import pytest
 from mlflow.tracking import MlflowClient
 from ray.tune.experiment import Trial
 
-from orchestration.run_closing import RunCloser
-from orchestration.tracking import (
+from orchestration.tracking.retries import fail_fast_requests
+from orchestration.tracking.run_closing import RunCloser
+from orchestration.tracking.tags import (
     TAG_EARLY_STOPPED,
     TAG_FAILURE,
     TAG_KIND,
     TAG_SWEEP_ID,
     TAG_TRIAL_ID,
-    Tracker,
-    fail_fast_requests,
 )
+from orchestration.tracking.tracker import Tracker
 
 SWEEP = "closing-1"
 
@@ -72,7 +72,7 @@ def test_an_unreachable_server_never_raises_into_tune_and_the_close_is_done_late
     errored, errored_run = trial_with_run(tracker)
     store_client = tracker.client
     tracker.client = MlflowClient(closed_port_uri())
-    with caplog.at_level(logging.WARNING, logger="orchestration.run_closing"):
+    with caplog.at_level(logging.WARNING, logger="orchestration.tracking.run_closing"):
         closer.on_trial_complete(0, [], stopped)
         closer.on_trial_error(0, [], errored)
         closer.on_step_end(1, [])

@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import json
 
-from orchestration.config import SweepConfig
-from orchestration.sweep import runs_view_metrics
-from orchestration.tracking import (
-    MODEL_TRAINING_KIND,
-    SHARED_VIEW_PREFIX,
-    TAG_EXPERIMENT_KIND,
-    Tracker,
-)
+from orchestration.definition.sweep_config import SweepConfig
+from orchestration.running.parent_run import runs_view_metrics
+from orchestration.tracking.tags import MODEL_TRAINING_KIND, SHARED_VIEW_PREFIX, TAG_EXPERIMENT_KIND
+from orchestration.tracking.tracker import Tracker
 
 
 def test_the_view_is_an_experiment_tag_the_printed_link_opens(tmp_path):

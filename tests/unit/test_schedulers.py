@@ -1,4 +1,4 @@
-"""Early stopping compares trials of one dataset only (orchestration.schedulers).
+"""Early stopping compares trials of one dataset only (orchestration.definition.schedulers).
 
 The trials are Tune's own ``Trial`` objects; the scheduler is driven with the results a sweep
 reports (``epoch``, ``score``). No Ray cluster is needed: ASHA's decisions are pure
@@ -10,8 +10,8 @@ from __future__ import annotations
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-from orchestration.config import SchedulerConfig
-from orchestration.schedulers import PerDatasetScheduler, build_scheduler
+from orchestration.definition.schedulers import PerDatasetScheduler, build_scheduler
+from orchestration.definition.sweep_config import SchedulerConfig
 
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
 

@@ -1,8 +1,11 @@
 """A score only after an evaluation, and early stopping only on evaluated epochs.
 
-An epoch the trainer does not evaluate reports no ``score`` (orchestration.worker), ASHA never
-decides on such a result (orchestration.schedulers), and a sweep whose ASHA rungs fall on
-epochs without an evaluation is refused before Ray starts (orchestration.config), naming
+An epoch the trainer does not evaluate reports no ``score`` (orchestration.running.worker), ASHA
+never
+decides on such a result (orchestration.definition.schedulers), and a sweep whose ASHA rungs fall
+on
+epochs without an evaluation is refused before Ray starts (orchestration.definition.sweep_config),
+naming
 ``search.scheduler.grace_period`` and ``eval.every_epochs``. The refusal goes through the
 real sweep CLI; the scheduler is Ray's own, driven with Tune's own ``Trial`` objects, which
 need no Ray cluster.
@@ -26,9 +29,9 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from autoassign.engine import TrainState
 from autoassign.errors import ConfigError
-from orchestration.config import SchedulerConfig, asha_rungs, load_sweep_config
-from orchestration.schedulers import TUNE_ENV, build_scheduler
-from orchestration.worker import RayReporter
+from orchestration.definition.schedulers import TUNE_ENV, build_scheduler
+from orchestration.definition.sweep_config import SchedulerConfig, asha_rungs, load_sweep_config
+from orchestration.running.worker import RayReporter
 
 REPO = Path(__file__).resolve().parents[2]
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from autoassign.data.synthetic import write_synthetic
-from orchestration.config import load_sweep_config, trial_experiment
+from orchestration.definition.sweep_config import load_sweep_config, trial_experiment
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "configs" / "demo.yaml"
@@ -369,7 +369,7 @@ def test_dataset_overrides_apply_to_that_dataset_only(tmp_path):
 
 
 def test_trials_per_dataset_counts_grid_points_times_samples(tmp_path):
-    from orchestration.search import trials_per_dataset
+    from orchestration.definition.search_space import trials_per_dataset
 
     path = tmp_path / "grid.yaml"
     path.write_text(
@@ -386,7 +386,7 @@ def test_trials_per_dataset_counts_grid_points_times_samples(tmp_path):
 
 
 def test_trial_label():
-    from orchestration.trial import trial_label
+    from orchestration.definition.trial_names import trial_label
 
     params = {"train.schedule": "13e", "model.center_prior.sigma_init": 1.5}
     assert trial_label("coco", params) == "coco·13e·sigma=1.5"
@@ -394,7 +394,7 @@ def test_trial_label():
 
 
 def test_redact_hides_the_password():
-    from orchestration.tracking import redact
+    from orchestration.common.redaction import redact
 
     shown = redact("http://user:secret@host:5000/x")
     assert "secret" not in shown
@@ -404,7 +404,7 @@ def test_redact_hides_the_password():
 
 
 def test_flatten():
-    from orchestration.tracking import flatten
+    from orchestration.tracking.tracker import flatten
 
     nested = {"train": {"lr": 0.1, "milestones": [6, 8]}, "model": {"head": {"n": 2}}, "x": 1}
     assert flatten(nested) == {
@@ -466,7 +466,7 @@ def test_root_default_from_the_environment(tmp_path, monkeypatch):
 
 
 def test_relative_roots_become_absolute_before_they_reach_workers(tmp_path, monkeypatch):
-    from orchestration.sweep import make_paths_absolute
+    from orchestration.running.cli import make_paths_absolute
 
     (tmp_path / "s.yaml").write_text(GOOD)
     monkeypatch.chdir(tmp_path)
@@ -490,7 +490,11 @@ search_space:
 
 
 def test_variants_are_one_more_grid_dimension(tmp_path):
-    from orchestration.search import describe_space, grid_points, trials_per_dataset
+    from orchestration.definition.search_space import (
+        describe_space,
+        grid_points,
+        trials_per_dataset,
+    )
 
     (tmp_path / "s.yaml").write_text(VARIANTS)
     sweep = load_sweep_config(tmp_path / "s.yaml")

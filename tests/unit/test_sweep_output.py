@@ -11,8 +11,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestration.sweep_output import SweepOutput, say
-from orchestration.trial_progress import TrialProgress, duration
+from orchestration.running.sweep_output import SweepOutput, say
+from orchestration.running.trial_progress import TrialProgress, duration
 
 
 @dataclass

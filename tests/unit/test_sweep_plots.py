@@ -1,4 +1,5 @@
-"""The sweep's charts (orchestration.sweep_plots), drawn from runs in a real SQLite MLflow store.
+"""The sweep's charts (orchestration.results.sweep_plots), drawn from runs in a real SQLite MLflow
+store.
 
 Each chart is checked as a PNG of the expected size, and through the data it was drawn from
 (the matplotlib artists), never through its pixels.
@@ -9,8 +10,8 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from orchestration.compare import load_trials
-from orchestration.sweep_plots import (
+from orchestration.results.compare import load_trials
+from orchestration.results.sweep_plots import (
     DPI,
     PANEL_INCHES,
     learning_curves,

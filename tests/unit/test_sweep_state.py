@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestration.redaction import redact, redact_data
-from orchestration.sweep_state import LOCK_FILE, SweepLock, SweepRecord
+from orchestration.common.redaction import redact, redact_data
+from orchestration.running.sweep_record import LOCK_FILE, SweepLock, SweepRecord
 from tests.unit.test_sweep_config import GOOD, sweep_cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,7 +28,7 @@ def hold_lock(folder: Path, sweep_id: str) -> subprocess.Popen:
     code = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from orchestration.sweep_state import SweepLock\n"
+        "from orchestration.running.sweep_record import SweepLock\n"
         f"lock = SweepLock(Path({str(folder)!r})); lock.acquire(); lock.record({sweep_id!r})\n"
         "print('held', flush=True)\n"
         "time.sleep(600)\n"
@@ -114,7 +114,7 @@ def s3_config(tmp_path: Path, endpoint: str, storage: str | None = None) -> Path
 
 
 def test_the_manifest_is_kept_in_s3_and_resume_reads_it_when_the_local_one_is_gone(tmp_path, s3):
-    from orchestration.storage import Storage
+    from orchestration.running.storage import Storage
 
     shared = Storage(f"s3://{BUCKET}/ray", s3["endpoint"])
     record = SweepRecord("t", tmp_path / "out", shared)
@@ -185,7 +185,7 @@ def test_redact_drops_credentials_and_query_strings():
 
 
 def test_redacted_config_keeps_servers_and_hides_secrets():
-    from orchestration.sweep import redacted_yaml
+    from orchestration.running.parent_run import redacted_yaml
 
     data = {
         "tracking": {"uri": "http://alice:hunter2@mlflow:5000", "ui_url": None},
@@ -202,7 +202,7 @@ def test_redacted_config_keeps_servers_and_hides_secrets():
 
 
 def test_the_logged_config_file_is_the_users_unless_it_holds_a_secret(tmp_path):
-    from orchestration.sweep import redacted_copy
+    from orchestration.running.parent_run import redacted_copy
 
     plain = tmp_path / "plain.yaml"
     plain.write_text("# my sweep\nname: t\n")

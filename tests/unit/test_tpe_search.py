@@ -1,4 +1,5 @@
-"""Optuna TPE over several datasets (orchestration.tpe): one study per dataset and grid point.
+"""Optuna TPE over several datasets (orchestration.definition.tpe_search): one study per dataset
+and grid point.
 
 The searcher is driven the way Tune drives it (``suggest``, ``on_trial_result``,
 ``on_trial_complete``, ``save``/``restore``) with real Optuna studies; no Ray cluster is
@@ -13,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestration.config import load_sweep_config, trial_experiment
-from orchestration.search import sampled_space
-from orchestration.tpe import PerGroupSearcher, tpe_searcher
+from orchestration.definition.search_space import sampled_space
+from orchestration.definition.sweep_config import load_sweep_config, trial_experiment
+from orchestration.definition.tpe_search import PerGroupSearcher, tpe_searcher
 from tests.unit.test_sweep_config import bad_config
 
 SWEEP = """\

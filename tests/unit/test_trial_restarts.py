@@ -13,23 +13,19 @@ from pathlib import Path
 import pytest
 from ray.tune.experiment import Trial
 
-from orchestration.config import SweepConfig, trial_experiment
-from orchestration.run_closing import RunCloser
-from orchestration.tracking import (
-    TAG_FAILURE,
-    TAG_FAILURE_FINAL,
-    TAG_FAILURE_LAUNCH,
-    Tracker,
-)
-from orchestration.trial import (
-    NONFINITE_KEY,
+from orchestration.definition.sweep_config import SweepConfig, trial_experiment
+from orchestration.definition.trial_names import NONFINITE_KEY
+from orchestration.running.trial import (
     SweepContext,
     TrialFailure,
     final_failure,
     open_trial_run,
     trial_failure_config,
 )
-from orchestration.trial_logging import MlflowTrialLogger
+from orchestration.tracking.run_closing import RunCloser
+from orchestration.tracking.tags import TAG_FAILURE, TAG_FAILURE_FINAL, TAG_FAILURE_LAUNCH
+from orchestration.tracking.tracker import Tracker
+from orchestration.tracking.trial_logging import MlflowTrialLogger
 
 
 def sweep_config(tmp_path: Path, **resources) -> SweepConfig:

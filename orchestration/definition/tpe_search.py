@@ -1,6 +1,7 @@
 """Optuna TPE for a sweep over several datasets: one study per dataset and grid point.
 
-Kept apart from :mod:`orchestration.search` because it imports Ray and Optuna, which the
+Kept apart from :mod:`orchestration.definition.search_space` because it imports Ray and Optuna,
+which the
 config check and the dry run never need.
 """
 
@@ -13,9 +14,9 @@ import optuna
 from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from orchestration.config import SweepConfig
-from orchestration.search import grid_points, sampled_space
-from orchestration.trial import DATASET_KEY
+from orchestration.definition.search_space import grid_points, sampled_space
+from orchestration.definition.sweep_config import SweepConfig
+from orchestration.definition.trial_names import DATASET_KEY
 
 
 class PerGroupSearcher(Searcher):

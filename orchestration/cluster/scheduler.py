@@ -7,7 +7,8 @@ was down runs once on restart if it is at most ``MISFIRE_GRACE_S`` late (coalesc
 Each fire time is acted on once:
 
 - the submission id is ``<schedule>-<fire time, UTC>``: Ray refuses a second job with that id,
-  and :class:`~orchestration.job_history.JobHistory` records every fire time it handled, so a
+  and :class:`~orchestration.cluster.job_history.JobHistory` records every fire time it handled,
+  so a
   scheduler killed and restarted neither re-submits nor forgets one;
 - a schedule whose previous job is still pending or running on the cluster (asked of the Jobs
   API, since the job runs there, not here) skips that fire time, and the skip is recorded;
@@ -27,7 +28,8 @@ from typing import Any
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 
-from orchestration.cluster_jobs import (
+from orchestration.cluster.job_history import FAILED, SKIPPED, SUBMITTED, JobHistory
+from orchestration.cluster.ray_jobs import (
     META_FIRE_TIME,
     META_SCHEDULE,
     TERMINAL_STATUSES,
@@ -39,8 +41,7 @@ from orchestration.cluster_jobs import (
     status_text,
     submit,
 )
-from orchestration.cron_schedules import ScheduleFile, cron_trigger
-from orchestration.job_history import FAILED, SKIPPED, SUBMITTED, JobHistory
+from orchestration.cluster.schedules import ScheduleFile, cron_trigger
 
 logger = logging.getLogger(__name__)
 

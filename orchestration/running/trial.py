@@ -14,7 +14,7 @@ number of times): the new driver's ``TorchTrainer`` restores the last checkpoint
 registered, into the same MLflow run. Tune decides that by a count alone
 (``Trial.should_recover``: failures so far against ``max_failures``, whatever the error), so
 the driver refuses a restart that could only repeat a failure it already recorded
-(:func:`final_failure`), and :class:`~orchestration.run_closing.RunCloser` takes away the
+(:func:`final_failure`), and :class:`~orchestration.tracking.run_closing.RunCloser` takes away the
 retries of a trial that reported a non-finite loss, which then ends at once.
 """
 
@@ -27,18 +27,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestration.config import SweepConfig, trial_experiment
-from orchestration.error_text import first_line
-from orchestration.tracking import OUTAGE_WAIT_S
+from orchestration.common.error_text import first_line
+from orchestration.definition.sweep_config import SweepConfig, trial_experiment
+from orchestration.definition.trial_names import (
+    DATASET_KEY,
+    NONFINITE_KEY,
+    trial_label,
+    trial_params,
+)
+from orchestration.tracking.retries import OUTAGE_WAIT_S
 
 logger = logging.getLogger(__name__)
-
-DATASET_KEY = "dataset"
-"""The Tune config key naming the trial's dataset; the other keys are search-space paths."""
-
-NONFINITE_KEY = "nonfinite_error"
-"""Reported by the workers instead of raising when the loss went NaN/inf (see worker.py):
-retrying would only repeat it."""
 
 
 class TrialFailure(RuntimeError):
@@ -70,32 +69,6 @@ class SweepContext:
         return SweepConfig.model_validate(self.sweep)
 
 
-def trial_params(tune_config: dict[str, Any]) -> dict[str, Any]:
-    """The search-space values of a trial (every key but the dataset)."""
-    return {key: value for key, value in tune_config.items() if key != DATASET_KEY}
-
-
-def trial_label(dataset: str, params: dict[str, Any]) -> str:
-    """A short readable name: ``coco·13e·sigma=1.5``."""
-    parts = [dataset]
-    for key, value in params.items():
-        field = key.rsplit(".", 1)[-1]
-        shown = _short(value)
-        if field in ("schedule", "variant"):
-            parts.append(shown)
-        else:
-            parts.append(f"{field.removesuffix('_init')}={shown}")
-    return "·".join(parts)
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, (list, tuple)):
-        return "x".join(_short(v) for v in value)
-    return str(value)
-
-
 def trial_failure_config(sweep: SweepConfig) -> Any:
     """Ray Tune's ``FailureConfig`` for the sweep's trials (the trial drivers).
 
@@ -116,7 +89,7 @@ def final_failure(run: Any, launch_id: str) -> str | None:
     of this same launch recorded the failure: Ray Train had already spent the workers'
     restarts on it. Failures of an earlier launch are tried again by ``--resume``.
     """
-    from orchestration.tracking import TAG_FAILURE, TAG_FAILURE_FINAL, TAG_FAILURE_LAUNCH
+    from orchestration.tracking.tags import TAG_FAILURE, TAG_FAILURE_FINAL, TAG_FAILURE_LAUNCH
 
     if run.info.status != "FAILED":
         return None
@@ -140,14 +113,9 @@ def open_trial_run(
     A tracking server that is down is waited out for ``context.tracking_wait_s``. Raises
     :class:`TrialFailure` when the run ended in a :func:`final_failure`.
     """
-    from orchestration.tracking import (
-        TAG_FORMAT,
-        TAG_METRIC,
-        DatasetInput,
-        Tracker,
-        flatten,
-        quiet_client_retries,
-    )
+    from orchestration.tracking.retries import quiet_client_retries
+    from orchestration.tracking.tags import TAG_FORMAT, TAG_METRIC
+    from orchestration.tracking.tracker import DatasetInput, Tracker, flatten
 
     quiet_client_retries()
     tracker = Tracker(
@@ -194,9 +162,9 @@ def run_trial(tune_config: dict[str, Any], context: SweepContext) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from orchestration.storage import Storage
-    from orchestration.tracking import TAG_CHECKPOINT, TAG_FAILURE_FINAL, TAG_FAILURE_LAUNCH
-    from orchestration.worker import train_loop
+    from orchestration.running.storage import Storage
+    from orchestration.running.worker import train_loop
+    from orchestration.tracking.tags import TAG_CHECKPOINT, TAG_FAILURE_FINAL, TAG_FAILURE_LAUNCH
 
     sweep = context.sweep_config()
     dataset = sweep.dataset(tune_config[DATASET_KEY])

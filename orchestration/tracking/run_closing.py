@@ -14,7 +14,7 @@ running trial. Nor may it hold up Tune's event loop for long. So each close is t
 ``final_wait`` seconds, with a warning saying which runs are waiting.
 
 It also tells Tune when a retry cannot help: a trial that reported a non-finite loss gets no
-Tune restarts (see ``orchestration.trial``).
+Tune restarts (see ``orchestration.running.trial``).
 """
 
 from __future__ import annotations
@@ -27,15 +27,11 @@ from typing import Any
 
 from ray.tune import Callback
 
-from orchestration.error_text import first_line
-from orchestration.tracking import (
-    TAG_EARLY_STOPPED,
-    TAG_SWEEP_ID,
-    TAG_TRIAL_ID,
-    Tracker,
-    fail_fast_requests,
-)
-from orchestration.trial import NONFINITE_KEY
+from orchestration.common.error_text import first_line
+from orchestration.definition.trial_names import NONFINITE_KEY
+from orchestration.tracking.retries import fail_fast_requests
+from orchestration.tracking.tags import TAG_EARLY_STOPPED, TAG_SWEEP_ID, TAG_TRIAL_ID
+from orchestration.tracking.tracker import Tracker
 
 logger = logging.getLogger(__name__)
 

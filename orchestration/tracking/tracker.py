@@ -19,57 +19,33 @@ state, so many trials in one process do not step on each other.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
-from orchestration.redaction import SECRET_NAME, redact
+from orchestration.common.redaction import SECRET_NAME, redact
+from orchestration.tracking.retries import OUTAGE_WAIT_S, T, with_retries
+from orchestration.tracking.tags import (
+    MODEL_TRAINING_KIND,
+    RUNS_VIEW_KEY,
+    SHARED_VIEW_PREFIX,
+    TAG_DATASET,
+    TAG_EXPERIMENT_KIND,
+    TAG_FAILURE,
+    TAG_FAILURE_FINAL,
+    TAG_FAILURE_LAUNCH,
+    TAG_KIND,
+    TAG_PARENT,
+    TAG_SWEEP_ID,
+    TAG_TRIAL_ID,
+    VIEW_URL_PARAMETER,
+)
 
 logger = logging.getLogger(__name__)
-
-TAG_SWEEP_ID = "autoassign.sweep_id"
-TAG_TRIAL_ID = "autoassign.trial_id"
-TAG_DATASET = "autoassign.dataset"
-TAG_FORMAT = "autoassign.format"  # the dataset's on-disk format, hence its protocol
-TAG_METRIC = "autoassign.metric"  # the metric that ranks the dataset's trials
-TAG_CHECKPOINT = "autoassign.checkpoint_uri"
-TAG_KIND = "autoassign.kind"  # "sweep" or "trial"
-TAG_FAILURE = "autoassign.failure_reason"
-# A FAILED trial run that no restart can fix ("true": its loss went non-finite) ...
-TAG_FAILURE_FINAL = "autoassign.failure_final"
-# ... or that failed under a trial driver of this launch of the sweep (see trial.py).
-TAG_FAILURE_LAUNCH = "autoassign.failure_launch"
-TAG_EARLY_STOPPED = "autoassign.early_stopped"
-TAG_PARENT = "mlflow.parentRunId"
-TAG_RUN_NAME = "mlflow.runName"
-# The MLflow UI's own experiment tags: what kind of experiment it is, and shared views.
-TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
-MODEL_TRAINING_KIND = "custom_model_development"
-SHARED_VIEW_PREFIX = "mlflow.sharedViewState."
-VIEW_URL_PARAMETER = "viewStateShareKey"
-RUNS_VIEW_KEY = "autoassign-sweep"
-
-OUTAGE_WAIT_S = 300.0
-"""How long an unreachable tracking server is waited out before a call gives up: a trial's
-start (finding or opening its run), every :class:`Tracker` call and the final flush of a
-trial's buffered metrics all use this one bound."""
-
-MAX_BUFFERED_POINTS = 200_000
-"""Metric points kept while the server is unreachable; beyond this the oldest are dropped
-(and a warning says how many)."""
-
-T = TypeVar("T")
-
-
-# --------------------------------------------------------------------------------------------
-# Secrets
-# --------------------------------------------------------------------------------------------
 
 
 def safe_params(params: Mapping[str, Any]) -> dict[str, str]:
@@ -93,126 +69,6 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
-
-
-# --------------------------------------------------------------------------------------------
-# Retrying
-# --------------------------------------------------------------------------------------------
-
-
-def quiet_mlflow_output() -> None:
-    """No "View run at <tracking URI>" lines from MLflow (they repeat on every run end, and
-    the URI they print may carry credentials) and no progress bar per artifact copy."""
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-
-def quiet_client_retries() -> None:
-    """Make each MLflow HTTP call fail fast; :func:`with_retries` and the buffer retry instead.
-
-    MLflow's own retries block a training step for minutes against a server that is down.
-    """
-    quiet_mlflow_output()
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
-
-
-@contextlib.contextmanager
-def fail_fast_requests() -> Iterator[None]:
-    """Inside the block, each MLflow HTTP call tries once and gives up within seconds.
-
-    For code that must not block (Ray Tune's callbacks run in its event loop) and retries
-    later itself. MLflow reads these variables on every request; they are put back after.
-    """
-    fast = {
-        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-    }
-    saved = {name: os.environ.get(name) for name in fast}
-    os.environ.update(fast)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-def with_retries(call: Callable[[], T], *, what: str, timeout: float = OUTAGE_WAIT_S) -> T:
-    """``call()``, retried with backoff for up to ``timeout`` seconds on any error."""
-    deadline = time.monotonic() + timeout
-    delay = 1.0
-    while True:
-        try:
-            return call()
-        except Exception as error:
-            if time.monotonic() + delay > deadline:
-                raise
-            logger.warning("MLflow %s failed (%s); retrying in %.0f s", what, error, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 15.0)
-
-
-@dataclass
-class MetricBuffer:
-    """Metrics waiting to reach the server; sent in batches, kept while sending fails."""
-
-    client: Any
-    run_id: str
-    pending: list[Any] = field(default_factory=list)
-    dropped: int = 0
-    last_error: str | None = None
-
-    def add(self, metrics: Mapping[str, float], *, step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        for key, value in metrics.items():
-            if value is None:
-                continue
-            self.pending.append(Metric(key, float(value), now, int(step)))
-        overflow = len(self.pending) - MAX_BUFFERED_POINTS
-        if overflow > 0:
-            del self.pending[:overflow]
-            self.dropped += overflow
-            logger.warning("MLflow unreachable: dropped %d oldest metric points", self.dropped)
-
-    def flush(self) -> bool:
-        """Try once to send everything pending; True when nothing is left."""
-        while self.pending:
-            chunk = self.pending[:1000]
-            try:
-                self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
-            except Exception as error:
-                if self.last_error is None:
-                    logger.warning("MLflow unreachable (%s); keeping metrics to retry", error)
-                self.last_error = str(error)
-                return False
-            del self.pending[: len(chunk)]
-        if self.last_error is not None:
-            logger.warning("MLflow reachable again; buffered metrics sent")
-            self.last_error = None
-        return True
-
-    def close(self, *, timeout: float = OUTAGE_WAIT_S) -> None:
-        """Flush, retrying for up to ``timeout`` seconds; raise if the server never answers."""
-        deadline = time.monotonic() + timeout
-        while not self.flush():
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"MLflow unreachable for {timeout:.0f} s at the end of the run; "
-                    f"{len(self.pending)} metric points not logged ({self.last_error})"
-                )
-            time.sleep(2.0)
-
-
-# --------------------------------------------------------------------------------------------
-# Runs
-# --------------------------------------------------------------------------------------------
 
 
 class Tracker:

@@ -2,7 +2,7 @@
 
 The terminal gets what a person follows a sweep by: the plan, one line per trial per epoch
 and one when a trial ends, fails, is stopped early or is restarted
-(:mod:`orchestration.trial_progress`), the registry, the leaderboard, and the project's own
+(:mod:`orchestration.running.trial_progress`), the registry, the leaderboard, and the project's own
 warnings (a tracking server being waited for, a non-finite loss). Everything else goes to
 ``<output_dir>/sweep.log``
 (:class:`SweepOutput`): the output of every Ray process (Train workers, controllers, Ray's

@@ -136,7 +136,7 @@ def load_schedule_file(path: Path) -> ScheduleFile:
     import yaml
     from pydantic import ValidationError
 
-    from orchestration.cluster_jobs import SweepJob, check_upload_size
+    from orchestration.cluster.ray_jobs import SweepJob, check_upload_size
 
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))

@@ -22,7 +22,7 @@ matplotlib.use("Agg")  # files only; never a window
 from matplotlib import pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from orchestration.compare import DatasetSummary, natural_order  # noqa: E402
+from orchestration.results.compare import DatasetSummary, natural_order
 
 PANEL_INCHES = (4.0, 3.0)
 DPI = 100

@@ -13,7 +13,7 @@ from pathlib import Path
 from autoassign.config import DataConfig
 from autoassign.data.errors import DatasetError
 from autoassign.errors import ConfigError
-from orchestration.config import DatasetConfig, SweepConfig
+from orchestration.definition.sweep_config import DatasetConfig, SweepConfig
 
 
 def data_config(dataset: DatasetConfig) -> DataConfig:

@@ -1,6 +1,6 @@
 """The terminal's lines about trials: one per trial per epoch, and one when a trial ends.
 
-A Ray Tune callback in the sweep driver (see :mod:`orchestration.sweep_output` for what
+A Ray Tune callback in the sweep driver (see :mod:`orchestration.running.sweep_output` for what
 else the terminal shows)::
 
     coco·sigma=1  epoch 3/16  loss 1.501 (pos 1.249, neg 0.094, center 0.16)  0:31 elapsed, ETA 2:14
@@ -16,7 +16,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from orchestration.sweep_output import LOG_FILE, say
+from orchestration.running.sweep_output import LOG_FILE, say
 
 
 class TrialProgress(Callback):
@@ -152,7 +152,7 @@ def _losses(result: dict[str, Any]) -> str:
 
 
 def _error_reason(trial: Any) -> str:
-    from orchestration.run_closing import error_reason
+    from orchestration.tracking.run_closing import error_reason
 
     return error_reason(trial)
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestration.config import KNOWN_METRICS, SweepConfig
-from orchestration.tracking import TAG_SWEEP_ID, TAG_TRIAL_ID
-from orchestration.trial import DATASET_KEY, trial_label, trial_params
+from orchestration.definition.sweep_config import KNOWN_METRICS, SweepConfig
+from orchestration.definition.trial_names import DATASET_KEY, trial_label, trial_params
+from orchestration.tracking.tags import TAG_SWEEP_ID, TAG_TRIAL_ID
 
 
 def build_leaderboard(

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from orchestration.config import StorageConfig
+from orchestration.definition.sweep_config import StorageConfig
 
 
 def s3_endpoint(configured: str | None) -> str | None:

@@ -11,7 +11,8 @@
 
 A worker restarted from a checkpoint re-runs steps it already logged: steps up to the highest
 one the run already holds are not logged again, so no epoch appears twice. Metrics go through
-:class:`~orchestration.tracking.MetricBuffer`, so a tracking server that is down for a while
+:class:`~orchestration.tracking.metric_buffer.MetricBuffer`, so a tracking server that is down for
+a while
 loses nothing and fails nothing.
 """
 
@@ -25,12 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from autoassign.engine import Callback, TrainState
-from orchestration.tracking import (
-    OUTAGE_WAIT_S,
-    MetricBuffer,
-    quiet_client_retries,
-    with_retries,
-)
+from orchestration.tracking.metric_buffer import MetricBuffer
+from orchestration.tracking.retries import OUTAGE_WAIT_S, quiet_client_retries, with_retries
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +109,8 @@ class MlflowTrialLogger(Callback):
 
     def fail(self, reason: str) -> None:
         """End the run FAILED with ``reason`` tagged, as final: the trial cannot succeed, and
-        a restarted driver must not train it again (see ``orchestration.trial``)."""
-        from orchestration.tracking import TAG_FAILURE, TAG_FAILURE_FINAL
+        a restarted driver must not train it again (see ``orchestration.running.trial``)."""
+        from orchestration.tracking.tags import TAG_FAILURE, TAG_FAILURE_FINAL
 
         self.buffer.close(timeout=self.flush_timeout)
         first_line = reason.strip().splitlines()[0][:2000] if reason.strip() else reason

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from autoassign.errors import ConfigError
-from orchestration.storage import write_text_atomically
+from orchestration.running.storage import write_text_atomically
 
 MANIFEST = "manifest.json"
 LEADERBOARD = "leaderboard.json"
@@ -39,7 +39,7 @@ SHARED_FOLDER = "sweeps"
 class SweepRecord:
     """The manifest and leaderboard of one sweep, local and (when set) in shared storage.
 
-    ``shared``: a :class:`orchestration.storage.Storage` every node sees (None: local only).
+    ``shared``: a :class:`orchestration.running.storage.Storage` every node sees (None: local only).
     """
 
     def __init__(self, name: str, output_dir: Path, shared: Any | None = None):

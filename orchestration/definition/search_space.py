@@ -7,7 +7,7 @@ keys (``choice``, ``uniform``, ``loguniform``, ``randint``) are drawn ``num_samp
 grid point. A sweep's ``variants`` are one more grid dimension, ``"variant": "fixed_prior"``.
 
 ``tpe`` (Optuna's Tree-structured Parzen Estimator) draws the sampled keys from what earlier
-trials scored, one study per dataset and grid point: see :mod:`orchestration.tpe`.
+trials scored, one study per dataset and grid point: see :mod:`orchestration.definition.tpe_search`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import itertools
 import math
 from typing import Any
 
-from orchestration.config import VARIANT_KEY, Distribution, SweepConfig
-from orchestration.trial import DATASET_KEY
+from orchestration.definition.sweep_config import VARIANT_KEY, Distribution, SweepConfig
+from orchestration.definition.trial_names import DATASET_KEY
 
 
 def tune_domain(distribution: Distribution) -> Any:

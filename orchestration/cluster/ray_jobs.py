@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from autoassign.errors import ConfigError
-from orchestration.error_text import ray_error_reason
+from orchestration.common.error_text import ray_error_reason
 
 # What a sweep job never uploads. Ray reads these as .gitignore lines: a pattern without a
 # slash matches at any depth ("data" would also drop the autoassign/data package), a leading
@@ -107,7 +107,7 @@ class SweepJob:
         """A secret in the sweep's arguments would be part of the job's entrypoint, which
         the Jobs API keeps and shows to whoever lists the cluster's jobs; refuse it and say
         where a credential belongs instead."""
-        from orchestration.redaction import SECRET_NAME, redact
+        from orchestration.common.redaction import SECRET_NAME, redact
 
         for arg in self.sweep_args:
             key, equals, value = arg.partition("=")
@@ -133,7 +133,7 @@ class SweepJob:
 
         Absolute paths are on the cluster's disks, which only the sweep itself can look at.
         """
-        from orchestration.config import load_sweep_config, trial_experiment
+        from orchestration.definition.sweep_config import load_sweep_config, trial_experiment
 
         overrides = [arg for arg in self.sweep_args if "=" in arg and not arg.startswith("-")]
         try:

@@ -8,7 +8,8 @@ the engine wraps the model in DDP itself) with two callbacks:
 - :class:`RayReporter` (every rank): one ``ray.train.report`` per epoch with the epoch's
   losses, its evaluation and ``score`` (the dataset's ranking metric), plus rank 0's
   checkpoint directory when one was written;
-- :class:`~orchestration.trial_logging.MlflowTrialLogger` (rank 0): losses, lr and metrics into
+- :class:`~orchestration.tracking.trial_logging.MlflowTrialLogger` (rank 0): losses, lr and
+metrics into
   the trial's child run, whose id the trial driver passes in ``loop_config``.
 
 After a worker dies, Ray Train starts new workers and ``ray.train.get_checkpoint()`` hands
@@ -27,8 +28,8 @@ from typing import Any
 from autoassign.config import ExperimentConfig
 from autoassign.engine import Callback, Trainer, TrainState
 from autoassign.errors import NonFiniteLossError
-from orchestration.tracking import OUTAGE_WAIT_S
-from orchestration.trial import NONFINITE_KEY
+from orchestration.definition.trial_names import NONFINITE_KEY
+from orchestration.tracking.retries import OUTAGE_WAIT_S
 
 WARNINGS_KEY = "warnings"
 """A report's list of the project's warnings logged on rank 0 since the previous report:
@@ -64,7 +65,7 @@ class RayReporter(Callback):
     Tune's schedulers and searcher then skip it (early stopping decides on evaluations
     only), and Ray Train ranks its checkpoint below every scored one (logging that the key
     is missing). Tune must not check for the metric strictly: see
-    :data:`orchestration.schedulers.TUNE_ENV`.
+    :data:`orchestration.definition.schedulers.TUNE_ENV`.
 
     Attributes:
         score: the score of the last reported epoch, NaN when it had no evaluation (for a
@@ -136,7 +137,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     """
     import ray.train
 
-    from orchestration.trial_logging import MlflowTrialLogger
+    from orchestration.tracking.trial_logging import MlflowTrialLogger
 
     config = ExperimentConfig.model_validate(loop_config["experiment"])
     context = ray.train.get_context()

@@ -1,0 +1,209 @@
+"""Every trial of a sweep in one Ray Tune ``Tuner`` on a Ray started or joined for it:
+the trainable and its resources, the search algorithm and per-dataset schedulers, the
+driver's callbacks, restoring a sweep for ``--resume``, and Ctrl-C."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from typing import Any
+
+from orchestration.definition.sweep_config import (
+    SweepConfig,
+)
+from orchestration.running.locations import Locations
+from orchestration.running.sweep_output import SweepOutput, say
+
+DRIVER_RESOURCES = {"cpu": 0, "memory": 1}
+
+"""What each trial's Tune driver asks of Ray (bytes of logical memory)."""
+
+
+def fit_on_ray(
+    sweep: SweepConfig,
+    where: Locations,
+    sweep_id: str,
+    parent_run_id: str,
+    tracker: Any,
+    resuming: bool,
+    output: SweepOutput | None = None,
+) -> Any:
+    """Every trial, on a Ray started (or joined) for the purpose; KeyboardInterrupt when
+    Ctrl-C stopped Tune."""
+    import ray
+
+    verbose = output is None or output.verbose
+    _init_ray(where, configure_logging=verbose)
+    if output is not None:
+        output.route_ray_processes()
+    try:
+        with ctrl_c_watch() as interrupted:
+            results = _fit(sweep, where, sweep_id, parent_run_id, tracker, resuming, verbose)
+    finally:
+        ray.shutdown()
+    if interrupted():
+        raise KeyboardInterrupt
+    return results
+
+
+def _init_ray(where: Locations, *, configure_logging: bool = True) -> None:
+    """Start or join Ray; ``configure_logging=False`` leaves Ray's driver logger without a
+    terminal handler of its own (its records then reach the sweep's log file)."""
+    import ray
+
+    options: dict[str, Any] = {"log_to_driver": True, "configure_logging": configure_logging}
+    if where.ray_address:
+        ray.init(address=where.ray_address, **options)
+    else:
+        ray.init(include_dashboard=False, **options)
+
+
+def _fit(
+    sweep: SweepConfig,
+    where: Locations,
+    sweep_id: str,
+    parent_run_id: str,
+    tracker: Any,
+    resuming: bool,
+    verbose: bool = True,
+) -> Any:
+    import ray
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from orchestration.definition.schedulers import TUNE_ENV, build_scheduler
+    from orchestration.definition.search_space import param_space
+    from orchestration.definition.trial_names import trial_label, trial_params
+    from orchestration.running.storage import Storage
+    from orchestration.running.trial import SweepContext, run_trial, trial_failure_config
+    from orchestration.tracking.run_closing import RunCloser
+
+    os.environ.update(TUNE_ENV)  # epochs without an evaluation report no score
+    storage = Storage(where.storage_root, where.storage_endpoint)
+    storage_path, filesystem = storage.ray_storage()
+    context = SweepContext(
+        sweep=sweep.model_dump(mode="json"),
+        sweep_id=sweep_id,
+        parent_run_id=parent_run_id,
+        tracking_uri=where.tracking_uri,
+        storage_root=where.storage_root,
+        storage_endpoint=where.storage_endpoint,
+        work_dir=str(where.output_dir / "trials"),
+    )
+    # The trial driver holds no CPU, so the Train workers can take all of them; Ray refuses
+    # an empty request, hence a token amount of (logical) memory.
+    trainable = tune.with_parameters(
+        tune.with_resources(run_trial, DRIVER_RESOURCES), context=context
+    )
+    run_config = tune.RunConfig(
+        name=sweep_id,
+        storage_path=storage_path,
+        storage_filesystem=filesystem,
+        callbacks=[RunCloser(tracker, sweep_id), trial_progress(sweep)],
+        failure_config=trial_failure_config(sweep),
+        verbose=1 if verbose else 0,  # 1: Tune's trial table every 30 s
+    )
+    experiment_path = f"{storage_path}/{sweep_id}"
+    if resuming:  # check_restorable made sure Tune's state is there
+        closed = tracker.close_stale_runs(sweep_id, keep=[])
+        if closed:
+            say(f"closed {len(closed)} run(s) left RUNNING by the previous driver")
+        tuner = tune.Tuner.restore(
+            experiment_path,
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=filesystem,
+        )
+        return tuner.fit()
+    max_epochs, _ = sweep.base.train.resolved_schedule()
+    concurrent = max_concurrent_trials(sweep, ray.cluster_resources())
+    if sweep.search.algorithm == "tpe":
+        from orchestration.definition.search_space import trials_per_dataset
+        from orchestration.definition.tpe_search import tpe_searcher
+
+        # The searcher hands out every trial's whole config, so Tune gets no space of its own.
+        space, num_samples = {}, trials_per_dataset(sweep) * len(sweep.datasets)
+        search_alg = tpe_searcher(sweep, max_concurrent=concurrent)
+    else:
+        space, num_samples = param_space(sweep), sweep.search.num_samples
+        # The limit must sit on the generator itself: Tune does not wrap one given to it.
+        search_alg = BasicVariantGenerator(
+            random_state=sweep.search.seed, max_concurrent=concurrent
+        )
+    tuner = tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric="score",
+            mode="max",
+            scheduler=build_scheduler(sweep.search.scheduler, max_epochs=max_epochs),
+            search_alg=search_alg,
+            num_samples=num_samples,
+            trial_name_creator=lambda t: trial_label(t.config["dataset"], trial_params(t.config)),
+            trial_dirname_creator=lambda t: t.trial_id,
+        ),
+        run_config=run_config,
+    )
+    return tuner.fit()
+
+
+def trial_progress(sweep: SweepConfig) -> Any:
+    """The Tune callback printing each trial's epochs and end (see :mod:`sweep_output`)."""
+    from orchestration.definition.search_space import trials_per_dataset
+    from orchestration.definition.sweep_config import trial_experiment
+    from orchestration.definition.trial_names import DATASET_KEY, trial_params
+    from orchestration.running.trial_progress import TrialProgress
+
+    by_name = {dataset.name: dataset for dataset in sweep.datasets}
+
+    def epochs_of(tune_config: dict[str, Any]) -> int:
+        dataset = by_name[tune_config[DATASET_KEY]]
+        experiment = trial_experiment(sweep, dataset, trial_params(tune_config))
+        return experiment.train.resolved_schedule()[0]
+
+    return TrialProgress(
+        {dataset.name: dataset.ranking_metric for dataset in sweep.datasets},
+        epochs_of,
+        trials_total=trials_per_dataset(sweep) * len(sweep.datasets),
+    )
+
+
+@contextlib.contextmanager
+def ctrl_c_watch():
+    """Tell afterwards whether Ctrl-C stopped the Ray Tune run inside the block.
+
+    Tune catches the first SIGINT itself: it stops every trial cleanly (they end TERMINATED,
+    as if they had finished), saves its state, puts back the handler it found and returns.
+    So this installs a handler of its own first; finding it back in place afterwards means
+    Tune received the signal. A second Ctrl-C reaches it and interrupts at once. Yields a
+    function that answers after the block.
+    """
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # nohup, background jobs
+    if ignored or threading.current_thread() is not threading.main_thread():
+        yield lambda: False  # signals reach the main thread only
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    seen: list[bool] = []
+    try:
+        yield lambda: bool(seen and seen[0])
+    finally:
+        seen.append(signal.getsignal(signal.SIGINT) is handler)
+        signal.signal(signal.SIGINT, previous)
+
+
+def max_concurrent_trials(sweep: SweepConfig, cluster: dict[str, float]) -> int:
+    """Trials whose workers all fit on the cluster at once (at least 1), or the config's."""
+    if sweep.search.max_concurrent_trials is not None:
+        return sweep.search.max_concurrent_trials
+    res = sweep.resources
+    fits = [cluster.get("CPU", 1.0) // (res.cpus_per_worker * res.workers_per_trial)]
+    if res.use_gpu:
+        fits.append(cluster.get("GPU", 0.0) // (res.gpus_per_worker * res.workers_per_trial))
+    return max(1, int(min(fits)))
