@@ -133,7 +133,8 @@ class SweepJob:
 
         Absolute paths are on the cluster's disks, which only the sweep itself can look at.
         """
-        from orchestration.definition.sweep_config import load_sweep_config, trial_experiment
+        from orchestration.definition.config_loading import load_sweep_config
+        from orchestration.definition.trial_experiments import trial_experiment
 
         overrides = [arg for arg in self.sweep_args if "=" in arg and not arg.startswith("-")]
         try:

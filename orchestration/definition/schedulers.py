@@ -10,7 +10,7 @@ Early stopping decides on evaluations only. An epoch without an evaluation repor
 ``score`` (see :class:`orchestration.running.worker.RayReporter`); Ray's ASHA skips such a result
 (``AsyncHyperBandScheduler.on_trial_result`` returns CONTINUE when the metric is missing),
 and the sweep file is refused unless every rung falls on an evaluated epoch
-(:func:`orchestration.definition.sweep_config.check_scheduler_rungs`).
+(:func:`orchestration.definition.evaluated_rungs.check_scheduler_rungs`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-from orchestration.definition.sweep_config import SchedulerConfig, asha_max_t
+from orchestration.definition.evaluated_rungs import asha_max_t
+from orchestration.definition.sweep_config import SchedulerConfig
 
 TUNE_ENV = {"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}
 """The environment of the process running Tune's controller (the sweep driver; under Ray

@@ -16,7 +16,8 @@ import itertools
 import math
 from typing import Any
 
-from orchestration.definition.sweep_config import VARIANT_KEY, Distribution, SweepConfig
+from orchestration.definition.sweep_config import Distribution, SweepConfig
+from orchestration.definition.trial_experiments import VARIANT_KEY
 from orchestration.definition.trial_names import DATASET_KEY
 
 

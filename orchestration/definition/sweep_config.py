@@ -21,33 +21,24 @@ A sweep file is exactly :class:`SweepConfig` (pydantic, unknown keys are errors)
     storage: {path: null, endpoint_url: null}
     ray: {address: null}
 
-Every mistake is found here, before Ray starts: a search key that names no field, a sampled
+Every mistake is found before Ray starts: the schema here, and
+:func:`~orchestration.definition.config_loading.load_sweep_config` runs the checks that need
+more (:mod:`~orchestration.definition.config_checks`,
+:mod:`~orchestration.definition.evaluated_rungs`): a search key that names no field, a sampled
 value the experiment schema would reject, a dataset folder that does not exist. Errors are
 :class:`~autoassign.errors.ConfigError` naming the file and the field path (exit status 2).
 """
 
 from __future__ import annotations
 
-import itertools
-import math
 import os
 import re
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from autoassign.config import ExperimentConfig
-from autoassign.config_loading import (
-    apply_overrides,
-    check_field_path,
-    format_validation_error,
-    parse_override,
-    read_yaml_mapping,
-    validate_model,
-)
-from autoassign.errors import ConfigError
 
 DEFAULT_RANKING_METRIC = {
     "coco": "bbox_mAP",
@@ -55,7 +46,9 @@ DEFAULT_RANKING_METRIC = {
     "voc": "mAP",
     "widerface": "AP_hard",
 }
+
 """The metric each protocol's trials are ranked (and early-stopped) on."""
+
 
 KNOWN_METRICS = {
     "coco": ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l"),
@@ -72,13 +65,21 @@ KNOWN_METRICS = {
 }
 
 
+_ENV_PATTERN = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
+
+
+_ENV_WITH_DEFAULT = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*):-([^}]*)\}")
+
+
+def expand_env(text: str) -> str:
+    """``$VAR``, ``${VAR}`` and ``${VAR:-default}`` from the environment (unset ones without a
+    default stay as written, so the error can name them)."""
+    text = _ENV_WITH_DEFAULT.sub(lambda m: os.environ.get(m.group(1)) or m.group(2), text)
+    return os.path.expandvars(text)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-# --------------------------------------------------------------------------------------------
-# Datasets
-# --------------------------------------------------------------------------------------------
 
 
 class SyntheticConfig(_Strict):
@@ -155,11 +156,6 @@ class DatasetConfig(_Strict):
         return self.metric
 
 
-# --------------------------------------------------------------------------------------------
-# Search
-# --------------------------------------------------------------------------------------------
-
-
 class Distribution(_Strict):
     """Exactly one of the keys: how one field's values are searched."""
 
@@ -228,11 +224,6 @@ class SearchConfig(_Strict):
     """Default: as many as the cluster's CPUs / GPUs can run at once (at least 1)."""
     seed: int | None = 0
     """Seed of the random sampling, so a sweep's trials are reproducible (None: random)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Resources, tracking, storage, Ray
-# --------------------------------------------------------------------------------------------
 
 
 class ResourcesConfig(_Strict):
@@ -326,397 +317,3 @@ class SweepConfig(_Strict):
 
     def dataset(self, name: str) -> DatasetConfig:
         return next(d for d in self.datasets if d.name == name)
-
-
-# --------------------------------------------------------------------------------------------
-# Loading and checking
-# --------------------------------------------------------------------------------------------
-
-_ENV_PATTERN = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
-_ENV_WITH_DEFAULT = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*):-([^}]*)\}")
-
-
-def expand_env(text: str) -> str:
-    """``$VAR``, ``${VAR}`` and ``${VAR:-default}`` from the environment (unset ones without a
-    default stay as written, so the error can name them)."""
-    text = _ENV_WITH_DEFAULT.sub(lambda m: os.environ.get(m.group(1)) or m.group(2), text)
-    return os.path.expandvars(text)
-
-
-def load_sweep_config(path: str | Path, overrides: Iterable[str] = ()) -> SweepConfig:
-    """Read and fully check a sweep file (see the module docstring).
-
-    Raises:
-        ConfigError: anything wrong, with the file and field path in the message.
-    """
-    path = Path(path)
-    data = read_yaml_mapping(path)
-    if not data:
-        raise ConfigError(f"{path}: the file is empty; a sweep needs at least name and datasets")
-    overrides = list(overrides)
-    for override in overrides:
-        key, _ = parse_override(override)
-        try:
-            check_field_path(SweepConfig, key)
-        except ConfigError as error:
-            raise ConfigError(f"{path}: override {override!r}: {error}") from None
-    data = apply_overrides(data, overrides)
-    sweep = validate_model(data, SweepConfig, source=str(path), overrides=overrides)
-    for index, dataset in enumerate(sweep.datasets):
-        apply_recipe(dataset, sweep_file=path, source=f"{path}: datasets.{index}.recipe")
-        check_dataset_overrides(dataset, source=f"{path}: datasets.{index}.overrides")
-        trial_experiment(sweep, dataset, {}, source=f"{path}: datasets.{index}.overrides")
-    check_search_space(sweep, source=str(path))
-    check_variants(sweep, source=str(path))
-    check_scheduler_rungs(sweep, source=str(path))
-    return sweep
-
-
-SWEEP_OWNED_FIELDS = frozenset(
-    {
-        "data",
-        "data.format",
-        "data.root",
-        "data.train_split",
-        "data.val_split",
-        "data.synthesize_if_missing",
-        "model",
-        "model.num_classes",
-        "output_dir",
-        "device",
-    }
-)
-"""ExperimentConfig fields the sweep sets itself from each dataset entry and its own folders:
-they are neither searched nor overridden (other ``data.*`` fields, e.g. the batch size, are)."""
-
-
-def apply_recipe(dataset: DatasetConfig, *, sweep_file: Path, source: str) -> None:
-    """Fold the dataset's recipe file into its overrides (the explicit overrides win).
-
-    The recipe must be a valid ExperimentConfig for the dataset's format; its values that
-    the sweep sets itself are left out. ``dataset.recipe`` becomes the resolved path.
-    """
-    if dataset.recipe is None:
-        return
-    recipe = dataset.recipe if dataset.recipe.is_absolute() else sweep_file.parent / dataset.recipe
-    if not recipe.is_file():
-        raise ConfigError(f"{source}: {recipe} does not exist")
-    written = read_yaml_mapping(recipe)
-    config = validate_model(written, ExperimentConfig, source=str(recipe))
-    if "format" in written.get("data", {}) and config.data.format != dataset.format:
-        raise ConfigError(
-            f"{source}: {recipe} is a {config.data.format} recipe, but dataset "
-            f"{dataset.name!r} is {dataset.format}"
-        )
-    settings = {key: value for key, value in _leaves(written) if key not in SWEEP_OWNED_FIELDS}
-    dataset.recipe = recipe
-    dataset.overrides = {**settings, **dataset.overrides}
-
-
-def _leaves(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    """``("a.b.c", value)`` for every non-mapping value written in ``data``."""
-    leaves = []
-    for key, value in data.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            leaves += _leaves(value, f"{path}.")
-        else:
-            leaves.append((path, value))
-    return leaves
-
-
-def check_experiment_key(key: str, *, where: str, owned: str) -> None:
-    """``key`` names an ExperimentConfig field that the sweep does not set itself; the
-    ConfigError starts with ``where`` and says ``owned`` for a field the sweep sets."""
-    try:
-        check_field_path(ExperimentConfig, key)
-    except ConfigError as error:
-        raise ConfigError(f"{where}: {error}") from None
-    if key in SWEEP_OWNED_FIELDS:
-        raise ConfigError(f"{where}: {owned}")
-
-
-def check_dataset_overrides(dataset: DatasetConfig, *, source: str) -> None:
-    """Each override names an ExperimentConfig field the sweep does not set itself."""
-    for key in dataset.overrides:
-        check_experiment_key(
-            key,
-            where=f"{source}.{key}",
-            owned="set by the sweep from the dataset entry (format, root, splits, num_classes) "
-            "and its own folders, not by an override",
-        )
-
-
-def check_search_space(sweep: SweepConfig, *, source: str) -> None:
-    """Each key names an ExperimentConfig field, and each value it can take validates there."""
-    sampled = [key for key, d in sweep.search_space.items() if d.kind != "grid"]
-    if sweep.search.algorithm == "tpe" and not sampled:
-        raise ConfigError(
-            f"{source}: search.algorithm: tpe needs at least one sampled key in search_space "
-            "(choice, uniform, loguniform or randint); with grid keys only, use grid"
-        )
-    for key, distribution in sweep.search_space.items():
-        where = f"{source}: search_space.{key}"
-        check_experiment_key(
-            key,
-            where=where,
-            owned="the dataset, class count, output folder and device are set by the sweep, "
-            "not searched (list datasets under datasets:)",
-        )
-        for dataset in sweep.datasets:
-            for value in distribution.representative_values():
-                trial_experiment(sweep, dataset, {key: value}, source=where, value_note=value)
-
-
-def check_variants(sweep: SweepConfig, *, source: str) -> None:
-    """Each variant's keys name ExperimentConfig fields that neither the sweep sets nor the
-    search space searches, and every variant validates on every dataset."""
-    if VARIANT_KEY in sweep.search_space:
-        raise ConfigError(f"{source}: search_space.{VARIANT_KEY}: list variants under variants:")
-    for name, settings in sweep.variants.items():
-        where = f"{source}: variants.{name}"
-        for key in settings:
-            check_experiment_key(
-                key, where=f"{where}.{key}", owned="set by the sweep, not by a variant"
-            )
-            if key in sweep.search_space:
-                raise ConfigError(
-                    f"{where}.{key}: also in search_space; a trial's value would be ambiguous"
-                )
-        for dataset in sweep.datasets:
-            trial_experiment(sweep, dataset, {VARIANT_KEY: name}, source=where)
-
-
-VARIANT_KEY = "variant"
-"""The trial parameter naming the trial's variant (see :attr:`SweepConfig.variants`)."""
-
-
-def trial_experiment(
-    sweep: SweepConfig,
-    dataset: DatasetConfig,
-    params: dict[str, Any],
-    *,
-    source: str = "sweep",
-    value_note: Any = None,
-    output_dir: Path | None = None,
-) -> ExperimentConfig:
-    """The ExperimentConfig of one trial: ``base``, then the dataset, then its variant's
-    overrides, then the sampled ``params``.
-
-    Args:
-        params: dot path -> value, as the search space sampled them, and
-            :data:`VARIANT_KEY` -> a name among ``sweep.variants`` when the sweep has them.
-    """
-    params = dict(params)
-    variant = params.pop(VARIANT_KEY, None)
-    if variant is not None and variant not in sweep.variants:
-        raise ConfigError(
-            f"{source}: no variant {variant!r}; the sweep has: "
-            + (", ".join(sweep.variants) or "(none)")
-        )
-    variant_settings = list(sweep.variants.get(variant, {}).items())
-    data = sweep.base.model_dump(mode="json", exclude_unset=False)
-    data["data"].update(
-        {
-            "format": dataset.format,
-            "root": str(dataset.root),
-            "train_split": dataset.train_split,
-            "val_split": dataset.val_split,
-            "synthesize_if_missing": False,
-        }
-    )
-    data["model"]["num_classes"] = dataset.num_classes
-    if output_dir is not None:
-        data["output_dir"] = str(output_dir)
-    data = _set_paths(data, [*dataset.overrides.items(), *variant_settings, *params.items()])
-    try:
-        return ExperimentConfig.model_validate(data)
-    except Exception as error:  # pydantic.ValidationError
-        from pydantic import ValidationError
-
-        if not isinstance(error, ValidationError):
-            raise
-        detail = format_validation_error(error, source)
-        if value_note is not None:
-            detail += f" (for the value {value_note!r}, on dataset {dataset.name!r})"
-        raise ConfigError(detail) from None
-
-
-def _set_paths(data: dict[str, Any], assignments: list[tuple[str, Any]]) -> dict[str, Any]:
-    """Set each ``a.b.c`` to its value (values are already parsed, unlike CLI overrides)."""
-    for key, value in assignments:
-        parts = key.split(".")
-        node = data
-        for part in parts[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = node[part] = {}
-            node = child
-        node[parts[-1]] = value
-    return data
-
-
-def check_dataset_folders(sweep: SweepConfig, *, source: str) -> None:
-    """Every non-synthetic dataset's root exists (synthetic ones are written when missing)."""
-    for index, dataset in enumerate(sweep.datasets):
-        if dataset.synthetic_options is not None or dataset.root.is_dir():
-            continue
-        named = dataset.root_variables
-        hint = (
-            f"set {' and '.join(named)} to the folder holding it"
-            if named
-            else "edit root in the file"
-        )
-        raise ConfigError(
-            f"{source}: datasets.{index}.root: the {dataset.name!r} dataset folder "
-            f"{dataset.root} does not exist; {hint}, or set synthetic: true to use the "
-            "embedded synthetic set"
-        )
-    for index, dataset in enumerate(sweep.datasets):
-        config = trial_experiment(sweep, dataset, {}, source=source)
-        for key, file in (
-            ("model.backbone.weights", config.model.backbone.weights),
-            ("model.checkpoint", config.model.checkpoint),
-        ):
-            if file is not None and not file.is_file():
-                origin = "the dataset's recipe or overrides" if key in dataset.overrides else "base"
-                raise ConfigError(
-                    f"{source}: datasets.{index} ({dataset.name}): {key} {file} does not "
-                    f"exist (set by {origin}); put the file there, or override {key} "
-                    "for this dataset"
-                )
-
-
-# --------------------------------------------------------------------------------------------
-# Early stopping on evaluated epochs
-# --------------------------------------------------------------------------------------------
-
-SCHEDULE_FIELDS = ("train.schedule", "train.epochs", "eval.every_epochs")
-"""The fields that decide which epochs of a trial are evaluated."""
-
-
-def is_evaluated(epoch: int, epochs: int, every_epochs: int) -> bool:
-    """Whether a trial of ``epochs`` epochs evaluates after epoch ``epoch`` (1-based): after
-    every ``every_epochs``-th and always after the last (``every_epochs`` 0: only after the
-    last), as ``autoassign.engine.Trainer`` does."""
-    return epoch == epochs or (every_epochs > 0 and epoch % every_epochs == 0)
-
-
-def asha_max_t(scheduler: SchedulerConfig, max_epochs: int) -> int:
-    """ASHA's ``max_t``, in epochs: the sweep's schedule length, at least the grace period."""
-    return max(max_epochs, scheduler.grace_period)
-
-
-def asha_rungs(scheduler: SchedulerConfig, max_epochs: int) -> list[int]:
-    """The epochs after which ASHA compares trials, in order.
-
-    Ray's bracket has milestones ``grace_period * reduction_factor**k`` up to ``max_t``, each
-    decided by the first epoch at or after it; a result at ``max_t`` or later is stopped
-    without a comparison, so only the epochs below ``max_t`` count.
-    """
-    max_t = asha_max_t(scheduler, max_epochs)
-    grace, factor = scheduler.grace_period, scheduler.reduction_factor
-    count = int(math.log(max_t / grace) / math.log(factor) + 1)  # as Ray's _Bracket counts
-    epochs = {math.ceil(grace * factor**k) for k in range(count)}
-    return sorted(epoch for epoch in epochs if epoch < max_t)
-
-
-def trial_schedules(sweep: SweepConfig, *, source: str) -> list[tuple[str, int, int]]:
-    """``(trial, epochs, eval.every_epochs)`` for every way a trial can resolve them.
-
-    Each dataset (with its recipe and overrides) in each variant, at every value of the
-    searched :data:`SCHEDULE_FIELDS` (all the integers of a ``randint``); ``trial`` names the
-    dataset and those values.
-    """
-    keys = [key for key in sweep.search_space if _sets_schedule(key)]
-    values = [_every_value(sweep.search_space[key]) for key in keys]
-    found = []
-    for dataset in sweep.datasets:
-        for variant in list(sweep.variants) or [None]:
-            for point in itertools.product(*values):
-                params = dict(zip(keys, point))
-                if variant is not None:
-                    params[VARIANT_KEY] = variant
-                config = trial_experiment(sweep, dataset, params, source=source)
-                epochs, _ = config.train.resolved_schedule()
-                named = [f"dataset {dataset.name!r}", *(f"{k}={v}" for k, v in params.items())]
-                found.append((", ".join(named), epochs, config.eval.every_epochs))
-    return found
-
-
-def _sets_schedule(key: str) -> bool:
-    return any(field == key or field.startswith(f"{key}.") for field in SCHEDULE_FIELDS)
-
-
-def _every_value(distribution: Distribution) -> list[Any]:
-    if distribution.kind == "randint":
-        return list(range(*distribution.argument))
-    return distribution.representative_values()
-
-
-def check_scheduler_rungs(sweep: SweepConfig, *, source: str) -> None:
-    """ASHA compares trials on evaluated epochs only, or the sweep is refused.
-
-    Rule: with ``search.scheduler.type: asha``, every rung epoch (:func:`asha_rungs`, with
-    the base schedule's epochs, which the sweep gives its scheduler) that a trial reaches is
-    an epoch it evaluates (:func:`is_evaluated`), for each trial's own epochs and
-    ``eval.every_epochs`` (:func:`trial_schedules`). An epoch without an evaluation reports
-    no ``score``, so ASHA would compare at a later evaluation instead: grace_period 1 with
-    every_epochs 8 would silently mean 8. Refusing, rather than moving the rungs onto
-    evaluated epochs, keeps the numbers in the file the ones that run, and leaves Ray's
-    bracket bookkeeping as Ray wrote it.
-    """
-    scheduler = sweep.search.scheduler
-    if scheduler.type != "asha":
-        return
-    max_epochs, _ = sweep.base.train.resolved_schedule()
-    schedules = trial_schedules(sweep, source=source)
-    unevaluated = _first_unevaluated(scheduler, max_epochs, schedules)
-    if unevaluated is None:
-        return
-    trial, epochs, every, missed = unevaluated
-    rungs = ", ".join(map(str, asha_rungs(scheduler, max_epochs)))
-    when = (
-        f"after every {every} epochs (eval.every_epochs {every}) and after its last, {epochs}"
-        if every > 0
-        else f"only after its last epoch, {epochs} (eval.every_epochs 0)"
-    )
-    suggestion = _suggested_grace(scheduler, max_epochs, schedules)
-    hint = (
-        f"set search.scheduler.grace_period: {suggestion}, or evaluate those epochs too"
-        if suggestion is not None
-        else "no grace_period puts every rung on an evaluated epoch with reduction_factor "
-        f"{scheduler.reduction_factor:g}: evaluate more often, change "
-        "search.scheduler.reduction_factor, or use search.scheduler.type: fifo"
-    )
-    raise ConfigError(
-        f"{source}: search.scheduler.grace_period {scheduler.grace_period} "
-        f"(reduction_factor {scheduler.reduction_factor:g}) has ASHA compare trials after "
-        f"epochs {rungs} (below max_t {asha_max_t(scheduler, max_epochs)}), but {trial} "
-        f"evaluates {when}: epoch(s) {', '.join(map(str, missed))} would be compared "
-        f"without an evaluation; {hint}"
-    )
-
-
-def _first_unevaluated(
-    scheduler: SchedulerConfig, max_epochs: int, schedules: list[tuple[str, int, int]]
-) -> tuple[str, int, int, list[int]] | None:
-    """The first trial schedule with a rung it reaches but does not evaluate, and those rungs."""
-    rungs = asha_rungs(scheduler, max_epochs)
-    for trial, epochs, every in schedules:
-        missed = [r for r in rungs if r <= epochs and not is_evaluated(r, epochs, every)]
-        if missed:
-            return trial, epochs, every, missed
-    return None
-
-
-def _suggested_grace(
-    scheduler: SchedulerConfig, max_epochs: int, schedules: list[tuple[str, int, int]]
-) -> int | None:
-    """The smallest grace period above the given one with rungs, all of them evaluated."""
-    for grace in range(scheduler.grace_period + 1, max_epochs):
-        candidate = scheduler.model_copy(update={"grace_period": grace})
-        rungs = asha_rungs(candidate, max_epochs)
-        if rungs and _first_unevaluated(candidate, max_epochs, schedules) is None:
-            return grace
-    return None

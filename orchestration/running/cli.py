@@ -29,11 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from autoassign.errors import run_cli
-from orchestration.definition.sweep_config import (
-    SweepConfig,
-    check_dataset_folders,
-    load_sweep_config,
-)
+from orchestration.definition.config_checks import check_dataset_folders
+from orchestration.definition.config_loading import load_sweep_config
+from orchestration.definition.sweep_config import SweepConfig
 from orchestration.running.locations import format_plan, resolve_locations
 from orchestration.running.resume import (
     adopt_recorded_storage,

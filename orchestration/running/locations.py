@@ -8,9 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestration.common.redaction import redact
-from orchestration.definition.sweep_config import (
-    SweepConfig,
-)
+from orchestration.definition.sweep_config import SweepConfig
 
 
 @dataclass(frozen=True)

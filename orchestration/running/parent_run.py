@@ -10,9 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestration.common.redaction import redact, redact_data
-from orchestration.definition.sweep_config import (
-    SweepConfig,
-)
+from orchestration.definition.sweep_config import SweepConfig
 from orchestration.running.locations import Locations
 
 

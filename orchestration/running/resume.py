@@ -9,9 +9,7 @@ from typing import Any
 
 from autoassign.errors import ConfigError
 from orchestration.common.redaction import redact
-from orchestration.definition.sweep_config import (
-    SweepConfig,
-)
+from orchestration.definition.sweep_config import SweepConfig
 from orchestration.running.locations import resolve_locations
 from orchestration.running.sweep_record import LEADERBOARD, SweepRecord
 

@@ -13,9 +13,7 @@ from typing import Any
 from autoassign.errors import AutoAssignError
 from orchestration.common.error_text import ray_error_reason
 from orchestration.common.redaction import redact
-from orchestration.definition.sweep_config import (
-    SweepConfig,
-)
+from orchestration.definition.sweep_config import SweepConfig
 from orchestration.running.locations import Locations, resolve_locations
 from orchestration.running.parent_run import log_parent, parent_tags, runs_view_metrics, ui_hint
 from orchestration.running.resume import sweep_record

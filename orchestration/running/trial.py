@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from orchestration.common.error_text import first_line
-from orchestration.definition.sweep_config import SweepConfig, trial_experiment
+from orchestration.definition.sweep_config import SweepConfig
+from orchestration.definition.trial_experiments import trial_experiment
 from orchestration.definition.trial_names import (
     DATASET_KEY,
     NONFINITE_KEY,

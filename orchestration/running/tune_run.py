@@ -10,9 +10,7 @@ import signal
 import threading
 from typing import Any
 
-from orchestration.definition.sweep_config import (
-    SweepConfig,
-)
+from orchestration.definition.sweep_config import SweepConfig
 from orchestration.running.locations import Locations
 from orchestration.running.sweep_output import SweepOutput, say
 
@@ -153,7 +151,7 @@ def _fit(
 def trial_progress(sweep: SweepConfig) -> Any:
     """The Tune callback printing each trial's epochs and end (see :mod:`sweep_output`)."""
     from orchestration.definition.search_space import trials_per_dataset
-    from orchestration.definition.sweep_config import trial_experiment
+    from orchestration.definition.trial_experiments import trial_experiment
     from orchestration.definition.trial_names import DATASET_KEY, trial_params
     from orchestration.running.trial_progress import TrialProgress
 
