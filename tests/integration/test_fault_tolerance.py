@@ -336,7 +336,8 @@ def test_a_trial_start_waits_out_a_tracking_outage(mlflow_server, sweep_runner, 
     run once the server is back; with a wait shorter than the outage it gives up."""
     from mlflow.exceptions import MlflowException
 
-    from orchestration.definition.sweep_config import SweepConfig, trial_experiment
+    from orchestration.definition.sweep_config import SweepConfig
+    from orchestration.definition.trial_experiments import trial_experiment
     from orchestration.running.trial import SweepContext, open_trial_run
 
     for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",

@@ -11,11 +11,9 @@ import pytest
 from autoassign.config import ExperimentConfig
 from autoassign.config_loading import load_experiment_config
 from autoassign.errors import ConfigError
-from orchestration.definition.sweep_config import (
-    check_dataset_folders,
-    load_sweep_config,
-    trial_experiment,
-)
+from orchestration.definition.config_checks import check_dataset_folders
+from orchestration.definition.config_loading import load_sweep_config
+from orchestration.definition.trial_experiments import trial_experiment
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = ["coco_r50_1x", "voc0712_r50", "objects365_r50", "widerface_r50"]

@@ -29,8 +29,10 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from autoassign.engine import TrainState
 from autoassign.errors import ConfigError
+from orchestration.definition.config_loading import load_sweep_config
+from orchestration.definition.evaluated_rungs import asha_rungs
 from orchestration.definition.schedulers import TUNE_ENV, build_scheduler
-from orchestration.definition.sweep_config import SchedulerConfig, asha_rungs, load_sweep_config
+from orchestration.definition.sweep_config import SchedulerConfig
 from orchestration.running.worker import RayReporter
 
 REPO = Path(__file__).resolve().parents[2]

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from autoassign.data.synthetic import write_synthetic
-from orchestration.definition.sweep_config import load_sweep_config, trial_experiment
+from orchestration.definition.config_loading import load_sweep_config
+from orchestration.definition.trial_experiments import trial_experiment
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "configs" / "demo.yaml"

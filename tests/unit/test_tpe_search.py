@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from orchestration.definition.config_loading import load_sweep_config
 from orchestration.definition.search_space import sampled_space
-from orchestration.definition.sweep_config import load_sweep_config, trial_experiment
 from orchestration.definition.tpe_search import PerGroupSearcher, tpe_searcher
+from orchestration.definition.trial_experiments import trial_experiment
 from tests.unit.test_sweep_config import bad_config
 
 SWEEP = """\

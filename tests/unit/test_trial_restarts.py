@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from ray.tune.experiment import Trial
 
-from orchestration.definition.sweep_config import SweepConfig, trial_experiment
+from orchestration.definition.sweep_config import SweepConfig
+from orchestration.definition.trial_experiments import trial_experiment
 from orchestration.definition.trial_names import NONFINITE_KEY
 from orchestration.running.trial import (
     SweepContext,
