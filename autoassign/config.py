@@ -149,6 +149,11 @@ class SplitPathsConfig(_Strict):
 class DataConfig(_Strict):
     format: Literal["coco", "voc", "objects365", "widerface"] = "coco"
     root: Path = Path("data/synthetic_coco")
+    classes: list[str] | None = None
+    """The class names in label order, for your own VOC, COCO or Objects365 data: VOC
+    ``<name>`` s and COCO category ``name`` s are matched against it, annotations of any other
+    class are left out of training and evaluation, and every per-class output uses these
+    names. None: the 20 VOC classes, or every category of the json."""
     train_split: str = "train"
     val_split: str = "val"
     paths: dict[str, SplitPathsConfig] = Field(default_factory=dict)
@@ -164,6 +169,27 @@ class DataConfig(_Strict):
     num_workers: int = Field(2, ge=0)
     flip_prob: float = Field(0.5, ge=0, le=1)
     aspect_ratio_grouping: bool = True
+
+    @field_validator("classes")
+    @classmethod
+    def _class_names(cls, classes: list[str] | None) -> list[str] | None:
+        if classes is None:
+            return None
+        if not classes:
+            raise ValueError("give at least one class name, or leave classes out")
+        blank = [i for i, name in enumerate(classes) if not name.strip()]
+        if blank:
+            raise ValueError(f"class names must not be blank (position {blank[0]})")
+        twice = sorted({name for name in classes if classes.count(name) > 1})
+        if twice:
+            raise ValueError(f"class names listed twice: {', '.join(twice)}")
+        return classes
+
+    @model_validator(mode="after")
+    def _classes_of_format(self) -> DataConfig:
+        if self.classes is not None and self.format == "widerface":
+            raise ValueError("classes applies to voc, coco and objects365 (WiderFace has one)")
+        return self
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,3 +274,13 @@ class ExperimentConfig(_Strict):
     seed: int = 0
     output_dir: Path = Path("runs/default")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _one_class_count(self) -> ExperimentConfig:
+        classes = self.data.classes
+        if classes is not None and len(classes) != self.model.num_classes:
+            raise ValueError(
+                f"model.num_classes is {self.model.num_classes} but data.classes lists "
+                f"{len(classes)} names; make them agree"
+            )
+        return self

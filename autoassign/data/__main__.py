@@ -1,6 +1,6 @@
 """Command line of the data package.
 
-    python -m autoassign.data validate --format F --root DIR [--split S] [--json]
+    python -m autoassign.data validate --format F --root DIR [--split S] [--classes A,B] [--json]
     python -m autoassign.data synth --format F --out DIR [--images N --classes K --size S --seed N]
 
 ``validate`` exits 0 when the split is usable (warnings allowed), 1 when it has errors and 2
@@ -31,6 +31,13 @@ def _image_size(text: str) -> int | tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected N or WxH, got {text!r}") from None
 
 
+def _class_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated class names, got {text!r}")
+    return names
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m autoassign.data", description="Validate or synthesize datasets."
@@ -42,6 +49,13 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("--root", type=Path, required=True)
     validate.add_argument("--split", default="train")
     validate.add_argument("--objects365-version", type=int, choices=(1, 2), default=2)
+    validate.add_argument(
+        "--classes",
+        type=_class_list,
+        metavar="A,B,...",
+        help="your dataset's class names in label order (voc, coco, objects365); "
+        "default VOC's 20 classes or every category of the json",
+    )
     validate.add_argument("--json", action="store_true", help="print one JSON object")
     validate.add_argument(
         "--max-per-kind", type=int, default=20, help="problems listed per kind in the text report"
@@ -65,9 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "validate":
         if not args.root.is_dir():
             parser.error(f"--root {args.root} is not a folder")
-        cfg = DataConfig(
-            format=args.format, root=args.root, objects365_version=args.objects365_version
-        )
+        try:
+            cfg = DataConfig(
+                format=args.format,
+                root=args.root,
+                objects365_version=args.objects365_version,
+                classes=args.classes,
+            )
+        except ValueError as error:  # pydantic's ValidationError
+            parser.error(f"--classes: {error.errors()[0]['msg']}")
         report = scan_dataset(cfg, args.split)
         if args.json:
             print(json.dumps(report.to_dict(), indent=2))

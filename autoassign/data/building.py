@@ -159,6 +159,7 @@ def _read_with_reader(cfg, root, split, overrides, check_images, log) -> Detecti
             split=split,
             check_images=check_images,
             problems=log,
+            classes=cfg.classes,
         )
     if cfg.format == "objects365":
         version = cfg.objects365_version
@@ -170,6 +171,7 @@ def _read_with_reader(cfg, root, split, overrides, check_images, log) -> Detecti
             split=split,
             check_images=check_images,
             problems=log,
+            classes=cfg.classes,
         )
     if cfg.format == "voc":
         default_annotations, default_images = voc.default_paths(root, split)
@@ -180,6 +182,7 @@ def _read_with_reader(cfg, root, split, overrides, check_images, log) -> Detecti
             image_dir=_resolve(root, images, default_images),
             check_images=check_images,
             problems=log,
+            classes=cfg.classes,
         )
     if cfg.format == "widerface":
         default_annotations, default_images = widerface.default_paths(root, split)
@@ -207,6 +210,7 @@ def _concatenate(parts: list[DetectionDataset], roots: list[Path]) -> DetectionD
     meta["roots"] = roots
     meta["image_ids"] = [record.image_id for part in parts for record in part.records]
     meta["problems"] = [p for part in parts for p in part.meta.get("problems", [])]
+    meta["left_out_classes"] = _summed_counts(p.meta.get("left_out_classes", {}) for p in parts)
     if "filtered_annotations" in first.meta:
         meta["filtered_annotations"] = {
             rule: [i for part in parts for i in part.meta["filtered_annotations"].get(rule, [])]
@@ -219,6 +223,14 @@ def _concatenate(parts: list[DetectionDataset], roots: list[Path]) -> DetectionD
         class_names=list(first.class_names),
         meta=meta,
     )
+
+
+def _summed_counts(counts) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for part in counts:
+        for name, count in part.items():
+            total[name] = total.get(name, 0) + count
+    return dict(sorted(total.items(), key=lambda item: -item[1]))
 
 
 def count_boxes(dataset: DetectionDataset) -> tuple[np.ndarray, int]:

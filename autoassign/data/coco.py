@@ -1,8 +1,10 @@
 """COCO instances json: ``annotations/instances_{split}.json`` + ``{split}/`` images.
 
 Labels are contiguous 0-based indices over the json's category ids sorted ascending (COCO's
-ids run 1..90 with gaps); ``meta["category_ids"][label]`` gives the id back for results
-files. ``bbox`` is ``[x, y, w, h]`` in continuous pixels and becomes ``x1, y1, x2, y2``.
+ids run 1..90 with gaps), or, with a class list (``classes``), over the list: categories are
+matched by name and annotations of unlisted ones are left out
+(:mod:`autoassign.data.class_lists`). ``meta["category_ids"][label]`` gives the id back for
+results files. ``bbox`` is ``[x, y, w, h]`` in continuous pixels and becomes ``x1, y1, x2, y2``.
 ``iscrowd=1`` annotations are kept as ignore regions. Images without annotations are kept
 (``build_dataset`` may drop them from training).
 
@@ -36,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from autoassign.data.class_lists import LeftOutClasses, warn_unused_classes
 from autoassign.data.errors import (
     DUPLICATE_ID,
     MALFORMED,
@@ -71,6 +74,7 @@ def read_coco(
     split: str = "",
     check_images: bool = False,
     problems: ProblemLog | None = None,
+    classes: list[str] | None = None,
 ) -> DetectionDataset:
     """Read a COCO instances json.
 
@@ -82,12 +86,16 @@ def read_coco(
             gives (the validator's job; a few thousand images per second).
         problems: where problems go; default a strict log that raises :class:`DatasetError`
             on the first error.
+        classes: the class names in label order (see :mod:`autoassign.data.class_lists`);
+            default every category of the json, by sorted id.
 
     Returns:
         A ``DetectionDataset`` with ``meta`` keys ``annotation_file`` (Path),
         ``category_ids`` (label -> json category id), ``image_ids`` (in record order),
         ``image_dir``, ``problems`` (the warnings met) and ``filtered_annotations`` (rule
-        name of :data:`TRAINING_FILTERS` -> ids of the annotations it left out).
+        name of :data:`TRAINING_FILTERS` -> ids of the annotations it left out) and
+        ``left_out_classes`` (category name -> annotations left out because ``classes``
+        lacks it).
     """
     annotation_file = Path(annotation_file)
     image_dir = Path(image_dir)
@@ -102,6 +110,7 @@ def read_coco(
         log=log,
         check_images=check_images,
         meta={"image_dir": image_dir},
+        classes=classes,
     )
 
 
@@ -160,6 +169,7 @@ def parse_coco_json(
     check_images: bool,
     skip_image: Callable[[dict, Path], bool] | None = None,
     meta: dict[str, Any] | None = None,
+    classes: list[str] | None = None,
 ) -> DetectionDataset:
     """Turn a loaded COCO-style json into records.
 
@@ -167,14 +177,23 @@ def parse_coco_json(
         image_path: json image entry -> the image file.
         skip_image: ``(entry, path) -> True`` to leave an image out silently together with
             its annotations (Objects365's known-missing files).
+        classes: the class names in label order, matched against the categories' names;
+            annotations of other categories are left out (``meta["left_out_classes"]``).
+            Default every category, by sorted id.
     """
     categories = _list_field(data, "categories", annotation_file)
     images = _list_field(data, "images", annotation_file)
     annotations = _list_field(data, "annotations", annotation_file, required=False)
 
     class_names_by_id = parse_categories(categories, annotation_file, log)
-    category_ids = sorted(class_names_by_id)
+    if classes is None:
+        category_ids = sorted(class_names_by_id)
+        class_names = [class_names_by_id[c] for c in category_ids]
+    else:
+        category_ids = listed_category_ids(classes, class_names_by_id, annotation_file)
+        class_names = list(classes)
     label_of = {category_id: label for label, category_id in enumerate(category_ids)}
+    left_out = LeftOutClasses()
 
     kept, skipped_ids = _parse_images(
         images, annotation_file, image_path, log, check_images, skip_image
@@ -209,6 +228,9 @@ def parse_coco_json(
                 log.error(UNKNOWN_IMAGE, annotation_file, where, f"unknown image_id {image_id!r}")
             continue
         label = label_of.get(ann.get("category_id"))
+        if label is None and ann.get("category_id") in class_names_by_id:
+            left_out.add(class_names_by_id[ann["category_id"]])  # not in the class list
+            continue
         if label is None:
             log.error(
                 UNKNOWN_CATEGORY,
@@ -262,6 +284,8 @@ def parse_coco_json(
         lambda i: ann_where[used[i]],
     )
     labels = np.asarray(ann_label, dtype=np.int64)[used]
+    if classes is not None:
+        warn_unused_classes(class_names, labels, log, annotation_file)
     ignore = np.asarray(ann_crowd, dtype=bool)[used] | degenerate
 
     # Group by image, keeping the json's annotation order within each image.
@@ -286,13 +310,14 @@ def parse_coco_json(
         format=format_name,
         split=split,
         records=records,
-        class_names=[class_names_by_id[c] for c in category_ids],
+        class_names=class_names,
         meta={
             "annotation_file": annotation_file,
             "category_ids": category_ids,
             "image_ids": [record.image_id for record in records],
             "problems": log.warnings,
             "filtered_annotations": filtered,
+            "left_out_classes": left_out.as_dict(),
             **(meta or {}),
         },
     )
@@ -355,6 +380,39 @@ def parse_categories(categories: list, file: Path, log: ProblemLog) -> dict[int,
             continue
         names[category_id] = str(category.get("name", category_id)).strip()
     return names
+
+
+def listed_category_ids(
+    classes: list[str], class_names_by_id: dict[int, str], file: Path
+) -> list[int]:
+    """The category id of each name of ``classes``, in the list's order.
+
+    Raises:
+        DatasetError: a listed name is no category of ``file``, or two categories carry it.
+    """
+    ids_of: dict[str, list[int]] = {}
+    for category_id in sorted(class_names_by_id):
+        ids_of.setdefault(class_names_by_id[category_id], []).append(category_id)
+    category_ids = []
+    for position, name in enumerate(classes):
+        ids = ids_of.get(name.strip(), [])
+        if not ids:
+            known = ", ".join(repr(n) for n in ids_of)
+            raise _fatal(
+                UNKNOWN_CATEGORY,
+                file,
+                f"data.classes[{position}]",
+                f"{name!r} is no category name of this file (its categories: {known})",
+            )
+        if len(ids) > 1:
+            raise _fatal(
+                DUPLICATE_ID,
+                file,
+                f"data.classes[{position}]",
+                f"{name!r} is the name of categories {ids}; rename one of them",
+            )
+        category_ids.append(ids[0])
+    return category_ids
 
 
 def _parse_images(

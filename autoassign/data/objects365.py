@@ -7,7 +7,8 @@
 * v1: ``annotations/objects365_{split}.json`` with images in ``{split}/NAME``.
 
 Classes are mapped by sorted category id, never by name: v1's train and val jsons list the
-categories in different orders and v2's names carry typos and trailing spaces. ``iscrowd``
+categories in different orders and v2's names carry typos and trailing spaces. A class list
+(``classes``) is the exception: it is matched by name, stripped of those spaces. ``iscrowd``
 annotations are ignore regions, as for COCO, and the same annotations are left out of the
 records as the reference recipe leaves them out of training (an ``ignore`` flag, ``area``
 0 or less, a box under 1 px wide or high or outside its image: the rules and their order are
@@ -61,6 +62,7 @@ def read_objects365(
     split: str = "",
     check_images: bool = False,
     problems: ProblemLog | None = None,
+    classes: list[str] | None = None,
 ) -> DetectionDataset:
     """Read an Objects365 json of the given layout ``version`` (1 or 2).
 
@@ -92,6 +94,7 @@ def read_objects365(
         check_images=check_images,
         skip_image=skip_known_missing,
         meta={"image_dir": image_dir, "version": version},
+        classes=classes,
     )
     dataset.meta["skipped_missing"] = skipped
     for relative in skipped:

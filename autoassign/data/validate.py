@@ -50,6 +50,9 @@ class ScanReport(ProblemsBySeverity):
     filtered_images: dict[str, list] = field(default_factory=dict)
     """Per rule of ``TRAINING_IMAGE_FILTERS``, the ids of the images training skips (the
     training split only; empty for the others)."""
+    left_out_classes: dict[str, int] = field(default_factory=dict)
+    """Per class name the files use but ``data.classes`` does not list, the annotations
+    left out (empty without a class list)."""
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -85,6 +88,14 @@ class ScanReport(ProblemsBySeverity):
         lines += _rule_lines(
             "training images skipped", self.filtered_images, TRAINING_IMAGE_FILTERS
         )
+        if self.left_out_classes:
+            listed = ", ".join(f"{name}: {n}" for name, n in self.left_out_classes.items())
+            lines += textwrap.wrap(
+                f"annotations of classes not in data.classes, left out: {listed}",
+                96,
+                initial_indent="  ",
+                subsequent_indent="    ",
+            )
         errors = _plural(len(self.errors), "error")
         lines.append(f"  {errors}, {_plural(len(self.warnings), 'warning')}")
         shown: Counter[str] = Counter()
@@ -116,6 +127,7 @@ class ScanReport(ProblemsBySeverity):
             "boxes_per_class": self.boxes_per_class,
             "filtered_annotations": self.filtered_annotations,
             "filtered_images": self.filtered_images,
+            "left_out_classes": self.left_out_classes,
             "errors": [p.to_dict() for p in self.errors],
             "warnings": [p.to_dict() for p in self.warnings],
             "notes": self.notes,
@@ -171,6 +183,8 @@ def scan_dataset(cfg: DataConfig, split: str) -> ScanReport:
         report.ignored_boxes += ignored
         report.num_images += len(dataset)
         report.images_without_targets += sum(r.num_targets == 0 for r in dataset.records)
+        for name, count in dataset.meta.get("left_out_classes", {}).items():
+            report.left_out_classes[name] = report.left_out_classes.get(name, 0) + count
         for rule, ids in dataset.meta.get("filtered_annotations", {}).items():
             report.filtered_annotations.setdefault(rule, []).extend(ids)
         if split == cfg.train_split:

@@ -1,9 +1,12 @@
-"""PASCAL VOC: ``Annotations/<id>.xml``, ``ImageSets/Main/{split}.txt``, ``JPEGImages/<id>.jpg``.
+"""PASCAL VOC: ``Annotations/<id>.xml``, ``ImageSets/Main/{split}.txt``, ``JPEGImages/<id>.jpg``
+(or the file the XML's ``<filename>`` names, when it exists there).
 
 XML boxes are 1-based inclusive integer pixels; a box becomes
 ``(xmin - 1, ymin - 1, xmax, ymax)`` in continuous 0-based pixels (the pixel ``xmax`` ends at
 ``xmax`` in continuous coordinates). ``difficult`` objects are kept as ignore regions. The
-labels are the 20 standard classes in the standard order, whatever the XML files contain.
+labels are the 20 standard classes in the standard order, or the dataset's own class list
+(``classes``, see :mod:`autoassign.data.class_lists`): without a list an object of any other
+class is an error, with one it is left out and counted.
 VOC 07+12 is two roots: ``DataConfig.root`` plus ``extra_train_roots`` (see ``build_dataset``).
 """
 
@@ -15,6 +18,7 @@ from xml.etree import ElementTree
 
 import numpy as np
 
+from autoassign.data.class_lists import LeftOutClasses, warn_unused_classes
 from autoassign.data.errors import (
     DUPLICATE_ID,
     MALFORMED,
@@ -50,7 +54,6 @@ VOC_CLASSES = (
     "train",
     "tvmonitor",
 )
-_LABEL_OF = {name: label for label, name in enumerate(VOC_CLASSES)}
 
 
 def default_paths(root: Path, split: str) -> tuple[Path, Path]:
@@ -70,6 +73,7 @@ def read_voc(
     image_dir: str | Path | None = None,
     check_images: bool = False,
     problems: ProblemLog | None = None,
+    classes: list[str] | None = None,
 ) -> DetectionDataset:
     """Read the images listed in ``root/ImageSets/Main/{split}.txt``.
 
@@ -78,20 +82,27 @@ def read_voc(
         annotations_dir, image_dir: override ``root/Annotations`` and ``root/JPEGImages``.
         check_images: also check every image exists and has the XML's size.
         problems: default a strict log raising :class:`DatasetError` on the first error.
+        classes: the class names in label order; default the 20 VOC classes.
 
     Returns:
-        Records with ``image_id`` the id string and ``file_name`` ``<id>.jpg``; ``meta`` keys
-        ``root``, ``image_ids``, ``annotations_dir``, ``image_dir`` and ``problems``.
+        Records with ``image_id`` the id string and ``file_name`` the XML's ``<filename>``
+        when that file exists in ``image_dir``, else ``<id>.jpg``; ``meta`` keys
+        ``root``, ``image_ids``, ``annotations_dir``, ``image_dir``, ``problems`` and
+        ``left_out_classes`` (name -> objects left out because ``classes`` lacks it).
     """
     root = Path(root)
     default_annotations, default_images = default_paths(root, split)
     annotations_dir = Path(annotations_dir) if annotations_dir else default_annotations
     image_dir = Path(image_dir) if image_dir else default_images
     log = problems if problems is not None else ProblemLog()
+    class_names = list(classes) if classes is not None else list(VOC_CLASSES)
+    label_of = {name: label for label, name in enumerate(class_names)}
+    left_out = LeftOutClasses() if classes is not None else None
 
     records = []
     for image_id in read_split_ids(split_file(root, split), log):
-        record = _read_annotation(annotations_dir / f"{image_id}.xml", image_id, image_dir, log)
+        xml = annotations_dir / f"{image_id}.xml"
+        record = _read_annotation(xml, image_id, image_dir, log, label_of, left_out)
         if record is None:
             continue
         if check_images:
@@ -101,17 +112,21 @@ def read_voc(
             if check_image(record.path, size, log, xml, where) is None:
                 continue
         records.append(record)
+    if classes is not None:
+        labels = (int(label) for record in records for label in record.labels)
+        warn_unused_classes(class_names, labels, log, annotations_dir)
     return DetectionDataset(
         format="voc",
         split=split,
         records=records,
-        class_names=list(VOC_CLASSES),
+        class_names=class_names,
         meta={
             "root": root,
             "image_ids": [r.image_id for r in records],
             "annotations_dir": annotations_dir,
             "image_dir": image_dir,
             "problems": log.warnings,
+            "left_out_classes": left_out.as_dict() if left_out is not None else {},
         },
     )
 
@@ -185,10 +200,32 @@ def _int_or_none(text: str | None) -> int | None:
         return None
 
 
+def image_file_name(tree: ElementTree.Element, image_id: str, image_dir: Path) -> str:
+    """The image's file name in ``image_dir``: the XML's ``<filename>`` when a file of that
+    name is there (annotation tools write ``photo.JPG``, ``scan.png``), else ``<id>.jpg``.
+
+    Only the name's last part counts: labelImg and CVAT sometimes write a folder in front.
+    """
+    written = _text(tree, "filename")
+    if written:
+        name = Path(written.replace("\\", "/")).name
+        if name and (image_dir / name).is_file():
+            return name
+    return f"{image_id}.jpg"
+
+
 def _read_annotation(
-    xml: Path, image_id: str, image_dir: Path, log: ProblemLog
+    xml: Path,
+    image_id: str,
+    image_dir: Path,
+    log: ProblemLog,
+    label_of: dict[str, int],
+    left_out: LeftOutClasses | None,
 ) -> ImageRecord | None:
-    """One XML file as a record; None (after logging) when it is unusable."""
+    """One XML file as a record; None (after logging) when it is unusable.
+
+    ``label_of`` maps class names to labels; an object of another class is counted in
+    ``left_out`` when there is a class list (``left_out`` not None), an error otherwise."""
     try:
         tree = _parse_xml(xml)
     except DatasetError as error:
@@ -216,8 +253,11 @@ def _read_annotation(
     kept: list[int] = []  # index among the file's objects, for the messages
     for index, obj in enumerate(tree.findall("object")):
         name = _text(obj, "name")
-        if name not in _LABEL_OF:
-            log.error(UNKNOWN_CATEGORY, xml, where(index), f"unknown class {name!r}")
+        if name not in label_of:
+            if left_out is not None and name is not None:
+                left_out.add(name)
+            else:
+                log.error(UNKNOWN_CATEGORY, xml, where(index), f"unknown class {name!r}")
             continue
         box = obj.find("bndbox")
         try:
@@ -231,7 +271,7 @@ def _read_annotation(
             log.error(MALFORMED, xml, where(index), f"non-finite box {values}")
             continue
         coords.append(values)
-        labels.append(_LABEL_OF[name])
+        labels.append(label_of[name])
         difficult.append(bool(_int_or_none(_text(obj, "difficult"))))
         kept.append(index)
 
@@ -246,9 +286,10 @@ def _read_annotation(
         xml,
         lambda i: where(kept[i]),
     )
+    file_name = image_file_name(tree, image_id, image_dir)
     return ImageRecord(
-        file_name=f"{image_id}.jpg",
-        path=image_dir / f"{image_id}.jpg",
+        file_name=file_name,
+        path=image_dir / file_name,
         width=width,
         height=height,
         boxes=boxes,

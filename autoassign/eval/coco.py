@@ -194,6 +194,9 @@ class COCOEvaluator(Evaluator):
                 detections.createIndex()
             coco_eval = COCOeval(ground_truth, detections, iouType="bbox")
             coco_eval.params.imgIds = sorted(set(self._image_ids.values()))
+            # Only the dataset's classes are scored: with a class list, the json's other
+            # categories are not classes of this model (without one this is every category).
+            coco_eval.params.catIds = sorted(self._category_ids)
             coco_eval.evaluate()
             coco_eval.accumulate()
             coco_eval.summarize()

@@ -22,6 +22,7 @@ SWEEP_OWNED_FIELDS = frozenset(
         "data.root",
         "data.train_split",
         "data.val_split",
+        "data.classes",
         "data.synthesize_if_missing",
         "model",
         "model.num_classes",
@@ -63,7 +64,8 @@ def check_dataset_overrides(dataset: DatasetConfig, *, source: str) -> None:
         check_experiment_key(
             key,
             where=f"{source}.{key}",
-            owned="set by the sweep from the dataset entry (format, root, splits, num_classes) "
+            owned="set by the sweep from the dataset entry (format, root, splits, classes, "
+            "num_classes) "
             "and its own folders, not by an override",
         )
 

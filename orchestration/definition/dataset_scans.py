@@ -22,6 +22,7 @@ def data_config(dataset: DatasetConfig) -> DataConfig:
         root=dataset.root,
         train_split=dataset.train_split,
         val_split=dataset.val_split,
+        classes=dataset.classes,
     )
 
 
@@ -94,4 +95,8 @@ def scan_one(dataset: DatasetConfig, index: int, *, source: str | None = None) -
         if counts:
             listed = ", ".join(f"{rule} {count}" for rule, count in counts.items())
             summary += f"; training leaves out {sum(counts.values())} {what} ({listed})"
+    if report.left_out_classes:
+        listed = ", ".join(f"{name} {n}" for name, n in report.left_out_classes.items())
+        left_out = sum(report.left_out_classes.values())
+        summary += f"; training leaves out {left_out} annotations of unlisted classes ({listed})"
     return summary

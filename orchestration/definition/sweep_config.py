@@ -9,6 +9,7 @@ A sweep file is exactly :class:`SweepConfig` (pydantic, unknown keys are errors)
     datasets:                        # one Tune scheduler per dataset (they report other metrics)
       - {name: coco, format: coco, root: ${DATA}/coco, num_classes: 80,
          recipe: coco_r50_1x.yaml, overrides: {...}, ...}
+      - {name: mine, format: voc, root: ~/data/mine, classes: [helmet, vest]}
     search_space:                    # dot paths into ExperimentConfig -> one distribution each
       train.schedule: {grid: [1x, 13e]}
       model.center_prior.sigma_init: {uniform: [0.5, 2.0]}
@@ -36,9 +37,16 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from autoassign.config import ExperimentConfig
+from autoassign.config import DataConfig, ExperimentConfig
 
 DEFAULT_RANKING_METRIC = {
     "coco": "bbox_mAP",
@@ -100,7 +108,13 @@ class DatasetConfig(_Strict):
     """The dataset folder; ``$VAR``, ``${VAR}``, ``${VAR:-default}`` and ``~`` are expanded."""
     train_split: str = "train"
     val_split: str = "val"
-    num_classes: int = Field(gt=0)
+    classes: list[str] | None = None
+    """Your own dataset's class names in label order (voc, coco, objects365): the trials'
+    ``data.classes`` (see :class:`autoassign.config.DataConfig`); they also give the class
+    count."""
+    num_classes: int | None = Field(None, gt=0)
+    """The class count; default the length of ``classes``, which it must equal when both are
+    given."""
     metric: str | None = None
     """The metric that ranks this dataset's trials; default by format (see
     :data:`DEFAULT_RANKING_METRIC`)."""
@@ -131,6 +145,25 @@ class DatasetConfig(_Strict):
         if isinstance(value, (str, Path)):
             return Path(os.path.expanduser(expand_env(str(value))))
         return value
+
+    @model_validator(mode="after")
+    def _class_count(self) -> DatasetConfig:
+        if self.classes is None:
+            if self.num_classes is None:
+                raise ValueError("give num_classes, or classes (the class names)")
+            return self
+        try:  # the library's own checks of a class list
+            DataConfig(format=self.format, classes=self.classes)
+        except ValidationError as error:
+            raise ValueError(error.errors()[0]["msg"].removeprefix("Value error, ")) from None
+        if self.num_classes is None:
+            self.num_classes = len(self.classes)
+        elif self.num_classes != len(self.classes):
+            raise ValueError(
+                f"num_classes is {self.num_classes} but classes lists {len(self.classes)} "
+                "names; give one of them, or make them agree"
+            )
+        return self
 
     @model_validator(mode="after")
     def _metric_of_protocol(self) -> DatasetConfig:

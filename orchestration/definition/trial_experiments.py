@@ -50,6 +50,7 @@ def trial_experiment(
             "train_split": dataset.train_split,
             "val_split": dataset.val_split,
             "synthesize_if_missing": False,
+            "classes": dataset.classes,
         }
     )
     data["model"]["num_classes"] = dataset.num_classes

@@ -26,6 +26,7 @@ from tests.integration.test_fault_tolerance import epochs_logged, trial_runs, wa
 pytestmark = pytest.mark.integration
 
 GOOD_LR, BAD_LR = 0.01, 1.0e8
+SHAPE_CLASSES = ("ring", "disc")  # of the synthetic shapes disc, ring, square
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,13 @@ def finished_sweep(sweep_runner, mlflow_server, s3_server):
         mlflow_uri=mlflow_server.uri,
         s3_endpoint=s3_server.endpoint,
         datasets=[
-            synthetic("shapes", "coco", folder, images=8, classes=2),
+            # Three shapes drawn, two of them the dataset's own classes in their own order:
+            # the third's annotations are left out of training and evaluation.
+            {
+                **synthetic("shapes", "coco", folder, images=8, classes=3),
+                "num_classes": None,
+                "classes": list(SHAPE_CLASSES),
+            },
             synthetic("faces", "widerface", folder, images=8),
         ],
         search_space={"train.lr": {"grid": [GOOD_LR, BAD_LR]}},
@@ -289,6 +296,13 @@ def test_best_trials_are_registered_and_load_from_the_registry(finished_sweep, m
     )
     assert predictor.config.model.num_classes == 2
     assert predictor.config.train.lr == GOOD_LR
+    # The dataset's own class list, in its order, is the model's; the third shape is no class.
+    assert predictor.class_names == list(SHAPE_CLASSES)
+    assert predictor.config.data.classes == list(SHAPE_CLASSES)
+    run = client.get_run(board[0]["run_id"])
+    assert {"AP/ring", "AP/disc"} <= set(run.data.metrics)
+    assert not any(key.endswith("/square") for key in run.data.metrics)
+    assert "annotations of unlisted classes (square " in finished_sweep["log"]
 
 
 def test_the_stack_tracking_store_is_postgresql_and_holds_the_sweep(
