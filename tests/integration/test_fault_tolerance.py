@@ -124,12 +124,19 @@ def kill_after_the_first_checkpoint(sweep_runner, mlflow_server, s3_server, name
     path = sweep_runner.write(name, config)
     process = sweep_runner.start(path)
     client = mlflow_server.client()
+    terminal = path.with_suffix(".log")
+
+    def first_epoch_shown_and_checkpointed():
+        if process.poll() is not None:
+            raise AssertionError(f"the sweep ended before the kill:\n{terminal.read_text()}")
+        # The sweep's own epoch-1 line must have come out: the report travels worker ->
+        # trial driver -> Tune driver, and killing the trial driver before it arrives
+        # would (rightly) leave no epoch-1 line to assert on.
+        shown = re.search(r"^\S+  epoch 1/3  ", terminal.read_text(), re.M)
+        return shown and past_the_first_checkpoint(client, s3_server, name)
+
     try:
-        run = wait_until(
-            lambda: past_the_first_checkpoint(client, s3_server, name),
-            timeout=300,
-            what="the second epoch",
-        )
+        run = wait_until(first_epoch_shown_and_checkpointed, timeout=300, what="the second epoch")
         for pid in victims():
             os.kill(pid, signal.SIGKILL)
         code = process.wait(timeout=600)
