@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from autoassign.config import DataConfig
+from autoassign.data.class_lists import parse_class_list
 from autoassign.data.errors import DatasetError
 from autoassign.data.synthetic import FORMATS, write_synthetic
 from autoassign.data.validate import scan_dataset
@@ -31,13 +32,6 @@ def _image_size(text: str) -> int | tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected N or WxH, got {text!r}") from None
 
 
-def _class_list(text: str) -> list[str]:
-    names = [name.strip() for name in text.split(",")]
-    if not all(names):
-        raise argparse.ArgumentTypeError(f"expected comma-separated class names, got {text!r}")
-    return names
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m autoassign.data", description="Validate or synthesize datasets."
@@ -51,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("--objects365-version", type=int, choices=(1, 2), default=2)
     validate.add_argument(
         "--classes",
-        type=_class_list,
+        type=parse_class_list,
         metavar="A,B,...",
         help="your dataset's class names in label order (voc, coco, objects365); "
         "default VOC's 20 classes or every category of the json",

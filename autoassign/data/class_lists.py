@@ -13,6 +13,7 @@ uses.
 
 from __future__ import annotations
 
+import argparse
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -37,6 +38,14 @@ class LeftOutClasses:
     def as_dict(self) -> dict[str, int]:
         """Name -> annotations left out, most first."""
         return dict(self.counts.most_common())
+
+
+def parse_class_list(text: str) -> list[str]:
+    """``"helmet, vest"`` (a command line's ``--classes``) -> ``["helmet", "vest"]``."""
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated class names, got {text!r}")
+    return names
 
 
 def warn_unused_classes(

@@ -3,6 +3,8 @@
     python -m autoassign.eval --format coco --root data/coco --split val2017 preds.json
     python -m autoassign.eval --format voc --root data/VOC2007 --split test preds.json \\
         --voc-metric area --json
+    python -m autoassign.eval --format voc --root data/hardhats --split val preds.json \\
+        --classes helmet,vest
 
 Prints a table of the metrics (fractions), or one JSON object with ``--json`` (NaN as null).
 Notes on deviations from the official protocol go to stderr. Bad input exits with status 1
@@ -20,6 +22,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from autoassign.config import EvalConfig
+from autoassign.data.class_lists import parse_class_list
 from autoassign.data.errors import DatasetError
 from autoassign.errors import AutoAssignError
 from autoassign.eval import build_evaluator
@@ -40,6 +43,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--voc-metric", choices=["11pt", "area"], default="11pt")
     parser.add_argument("--objects365-version", type=int, choices=[1, 2], default=2)
+    parser.add_argument(
+        "--classes",
+        type=parse_class_list,
+        metavar="A,B,...",
+        help="the dataset's own class names in label order (as in training's data.classes); "
+        "only these are scored",
+    )
     parser.add_argument(
         "--widerface-ground-truth",
         type=Path,
@@ -72,6 +82,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         root=args.root,
         objects365_version=args.objects365_version,
         val_split=args.split,
+        classes=args.classes,
     )
     dataset = build_dataset(data_cfg, args.split)
     dataset.meta.setdefault("root", args.root)  # where the WiderFace ground_truth/ folder is

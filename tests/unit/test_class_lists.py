@@ -370,3 +370,38 @@ def test_a_custom_class_voc_set_trains_evaluates_and_predicts_under_its_names(tm
 
     predictor = Predictor(tmp_path / "run" / "checkpoints" / "last", device="cpu")
     assert predictor.class_names == ["helmet", "Vest"]
+
+
+def test_the_eval_command_scores_a_predictions_file_on_the_listed_classes(tmp_path):
+    root = write_roboflow_coco(tmp_path / "export")
+    predictions = []
+    for image_id in (1, 2, 3):
+        own = [(c, x, y, w, h) for i, c, x, y, w, h in ROBOFLOW_BOXES if i == image_id and c != 9]
+        predictions.append(
+            {
+                "file_name": f"frame_{image_id}.jpg",
+                "boxes": [[x, y, x + w, y + h] for _, x, y, w, h in own],
+                "scores": [0.9] * len(own),
+                "labels": [{1: "helmet", 5: "vest"}[c] for c, *_ in own],
+            }
+        )
+    (tmp_path / "preds.json").write_text(json.dumps(predictions))
+    scores = {}
+    for classes in (None, "helmet,vest"):
+        extra = ["--classes", classes] if classes else []
+        result = run_module(
+            "autoassign.eval", "--format", "coco", "--root", root, "--split", "train",
+            "preds.json", "--json", *extra, cwd=tmp_path,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        scores[classes] = json.loads(result.stdout)
+    assert scores[None]["bbox_mAP"] == pytest.approx(2 / 3, abs=1e-3)
+    assert scores["helmet,vest"]["bbox_mAP"] == pytest.approx(1.0)
+    assert "AP/person" not in scores["helmet,vest"]
+
+    refused = run_module(
+        "autoassign.data", "validate", "--format", "coco", "--root", root,
+        "--classes", "helmet,,vest", cwd=tmp_path,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "expected comma-separated class names" in refused.stderr
