@@ -52,6 +52,7 @@ from autoassign.data.errors import (
 )
 from autoassign.data.images import check_image
 from autoassign.data.records import DetectionDataset, ImageRecord
+from autoassign.data.safe_paths import outside_reason
 
 TRAINING_FILTERS: dict[str, str] = {
     "ignore_flag": "'ignore' flag set",
@@ -445,6 +446,11 @@ def _parse_images(
             log.error(
                 MALFORMED, file, where, "image needs 'file_name' and positive 'width', 'height'"
             )
+            skipped.add(image_id)
+            continue
+        outside = outside_reason(file_name)
+        if outside is not None:
+            log.error(MALFORMED, file, f"{where} file_name", f"{file_name!r} {outside}")
             skipped.add(image_id)
             continue
         path = image_path(image)

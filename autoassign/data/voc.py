@@ -153,6 +153,15 @@ def read_split_ids(path: Path, log: ProblemLog) -> list[str]:
             log.error(MALFORMED, path, f"line {number}", f"expected one image id, got {line!r}")
             continue
         image_id = fields[0]
+        if "/" in image_id or "\\" in image_id or image_id in (".", ".."):
+            log.error(
+                MALFORMED,
+                path,
+                f"line {number}",
+                f"{image_id!r} is not a VOC image id "
+                "(an id names files in Annotations/ and JPEGImages/, never a folder)",
+            )
+            continue
         if image_id in first_line:
             log.error(
                 DUPLICATE_ID,
