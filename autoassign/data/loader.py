@@ -9,10 +9,19 @@ give identical batches. To resume in the middle of epoch ``e`` after ``k`` batch
 with ``epoch=e, start_batch=k`` (or call ``set_epoch(e, start_batch=k)``): it yields exactly
 the batches ``k, k+1, ...`` of the uninterrupted epoch, flips included. ``len(loader)`` is the
 number of batches left in the current epoch; :func:`iterations_per_epoch` is the full count.
+
+Images that cannot be used (truncated or corrupt files, a decoded size other than the
+annotated one) never stop an epoch. In training, such an image is replaced by the next usable
+one of its orientation group (the same replacement on every rank, epoch and worker count), so
+every batch keeps its size and every rank its number of iterations, which DDP needs. In
+evaluation it is run as a blank (black) image of its annotated size, so each image still has
+its one place in a shard and its ground truth counts as missed. Either way the loader logs a
+warning naming the file, once per file.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import pickle
 import random
@@ -34,6 +43,7 @@ from autoassign.data.samplers import (
     resolve_rank,
 )
 from autoassign.data.transforms import (
+    ImageLoadError,
     Sample,
     eval_sample,
     load_image,
@@ -45,6 +55,7 @@ from autoassign.data.transforms import (
 __all__ = [
     "Batch",
     "BatchCollator",
+    "DetectionLoader",
     "DetectionImages",
     "build_eval_loader",
     "build_train_loader",
@@ -53,6 +64,12 @@ __all__ = [
     "resize_image",
     "train_indices",
 ]
+
+logger = logging.getLogger(__name__)
+
+MAX_SUBSTITUTES = 16
+"""Training images tried in place of one that cannot be used before the loader gives up
+(so many unusable images in a row point at a missing folder, not at a few bad files)."""
 
 
 @dataclass
@@ -68,6 +85,8 @@ class Batch:
         indices: index of each image in ``DetectionDataset.records``.
         original_sizes: ``(h, w)`` of the original images.
         flipped: whether each image was mirrored left-right.
+        skipped: ``(file, warning)`` of each image that could not be used and was replaced
+            (training) or blanked (evaluation) in this batch.
     """
 
     images: Tensor
@@ -76,6 +95,7 @@ class Batch:
     indices: list[int]
     original_sizes: list[tuple[int, int]] = field(default_factory=list)
     flipped: list[bool] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -88,6 +108,7 @@ class Batch:
             indices=list(self.indices),
             original_sizes=list(self.original_sizes),
             flipped=list(self.flipped),
+            skipped=list(self.skipped),
         )
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
@@ -129,6 +150,7 @@ class BatchCollator:
             indices=[sample.index for sample in samples],
             original_sizes=[sample.original_size for sample in samples],
             flipped=[sample.flipped for sample in samples],
+            skipped=[skip for sample in samples for skip in sample.skipped],
         )
 
 
@@ -164,25 +186,122 @@ class PackedRecords:
 
 class DetectionImages(Dataset):
     """Map-style view of a :class:`DetectionDataset` keyed by :class:`SampleKey`: decodes,
-    resizes and (in training, when the key says so) flips one record."""
+    resizes and (in training, when the key says so) flips one record.
 
-    def __init__(self, dataset: DetectionDataset, input_cfg: InputConfig, *, train: bool):
+    An image that cannot be used is replaced (training) or blanked (evaluation), see the
+    module docstring; ``substitute_groups`` are the record indices that may stand in for each
+    other in training (the sampler's orientation groups), tried from the failing record on,
+    in order, wrapping around.
+    """
+
+    def __init__(
+        self,
+        dataset: DetectionDataset,
+        input_cfg: InputConfig,
+        *,
+        train: bool,
+        substitute_groups: list[list[int]] | None = None,
+    ):
         self.records = PackedRecords(dataset.records)
         self.min_size = input_cfg.min_size
         self.max_size = input_cfg.max_size
         self.train = train
+        self._groups = [np.asarray(group, dtype=np.int64) for group in substitute_groups or []]
+        # Record index -> its group and its position there (-1: in no group).
+        self._group_of = np.full(len(self.records), -1, dtype=np.int64)
+        self._position = np.zeros(len(self.records), dtype=np.int64)
+        for number, group in enumerate(self._groups):
+            self._group_of[group] = number
+            self._position[group] = np.arange(len(group))
+        self._unusable: dict[int, str] = {}  # record index -> why, met in this process
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, key: SampleKey) -> Sample:
         index, flip = key
-        record = self.records[index]
-        if self.train:
-            return train_sample(
-                record, index, min_size=self.min_size, max_size=self.max_size, flip=flip
+        if not self.train:
+            return self._eval_sample(index)
+        skipped = []
+        candidates = self._candidates(index)
+        for candidate in candidates:
+            record = self.records[candidate]
+            reason = self._unusable.get(candidate)
+            if reason is None:
+                try:
+                    sample = train_sample(
+                        record, candidate, min_size=self.min_size, max_size=self.max_size, flip=flip
+                    )
+                except ImageLoadError as error:
+                    reason = self._unusable[candidate] = _reason(error, record.path)
+                else:
+                    sample.skipped = tuple(skipped)
+                    return sample
+            skipped.append(
+                (
+                    str(record.path),
+                    f"training image {record.path} skipped: {reason}; the next usable image "
+                    "of its orientation group takes its place in batches",
+                )
             )
-        return eval_sample(record, index, min_size=self.min_size, max_size=self.max_size)
+        path = self.records[index].path
+        if len(candidates) == 1:
+            raise ImageLoadError(f"{path}: {reason}; no other training image may take its place")
+        raise ImageLoadError(
+            f"{path} and the {len(candidates) - 1} training images tried in its place cannot "
+            f"be used (the last: {reason}); is the image folder readable?"
+        )
+
+    def _candidates(self, index: int) -> list[int]:
+        """``index``, then the records that may stand in for it, in the order tried."""
+        number = int(self._group_of[index])
+        if number < 0:
+            return [index]
+        group = self._groups[number]
+        tried = min(len(group), 1 + MAX_SUBSTITUTES)
+        positions = (int(self._position[index]) + np.arange(tried)) % len(group)
+        return group[positions].tolist()
+
+    def _eval_sample(self, index: int) -> Sample:
+        record = self.records[index]
+        try:
+            return eval_sample(record, index, min_size=self.min_size, max_size=self.max_size)
+        except ImageLoadError as error:
+            reason = _reason(error, record.path)
+        blank = torch.zeros((3, record.height, record.width), dtype=torch.uint8)
+        sample = eval_sample(
+            record, index, min_size=self.min_size, max_size=self.max_size, image=blank
+        )
+        sample.skipped = (
+            (
+                str(record.path),
+                f"evaluation image {record.path} run as a blank image: {reason}; its ground "
+                "truth counts as missed",
+            ),
+        )
+        return sample
+
+
+def _reason(error: ImageLoadError, path) -> str:
+    """The error's message without the file name it starts with."""
+    return str(error).removeprefix(f"{path}: ")
+
+
+class DetectionLoader(DataLoader):
+    """A ``DataLoader`` of :class:`Batch` es that logs, in the process iterating it, the
+    warning of each image its workers could not use, once per file for the loader's life."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.warned_files: set[str] = set()
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            for path, warning in batch.skipped:
+                if path not in self.warned_files:
+                    self.warned_files.add(path)
+                    logger.warning("%s", warning)
+            yield batch
 
 
 def seed_worker(worker_id: int) -> None:
@@ -231,13 +350,14 @@ def build_train_loader(
     start_batch: int = 0,
     rank: int | None = None,
     world_size: int | None = None,
-) -> DataLoader:
+) -> DetectionLoader:
     """The training loader of this rank, positioned at batch ``start_batch`` of ``epoch``.
 
     Yields :class:`Batch` es of ``data_cfg.batch_size`` images that share an orientation
     (when ``data_cfg.aspect_ratio_grouping``), flipped with ``data_cfg.flip_prob``. Workers
     (``data_cfg.num_workers``; 0 = in this process) persist across epochs; memory is pinned
-    when CUDA is available. See the module docstring for epochs and resuming.
+    when CUDA is available. See the module docstring for epochs, resuming and images that
+    cannot be used.
 
     Raises:
         ValueError: the dataset has too few images for one batch on every rank.
@@ -263,8 +383,8 @@ def build_train_loader(
             f"(per orientation group) give no full batch of {data_cfg.batch_size} on each of "
             f"{world_size} ranks; lower data.batch_size or use more images"
         )
-    return DataLoader(
-        DetectionImages(dataset, input_cfg, train=True),
+    return DetectionLoader(
+        DetectionImages(dataset, input_cfg, train=True, substitute_groups=groups),
         batch_sampler=batch_sampler,
         collate_fn=BatchCollator(input_cfg.size_divisor),
         num_workers=data_cfg.num_workers,
@@ -283,7 +403,7 @@ def build_eval_loader(
     num_workers: int,
     rank: int | None = None,
     world_size: int | None = None,
-) -> DataLoader:
+) -> DetectionLoader:
     """The evaluation loader of this rank: its contiguous shard of the records, in order,
     resized and never flipped; each image is in exactly one rank's shard, once.
 
@@ -291,7 +411,7 @@ def build_eval_loader(
     ``Batch.indices`` to look up the original records instead.
     """
     rank, world_size = resolve_rank(rank, world_size)
-    return DataLoader(
+    return DetectionLoader(
         DetectionImages(dataset, input_cfg, train=False),
         batch_sampler=ShardedSequentialBatchSampler(
             len(dataset.records), batch_size, rank=rank, world_size=world_size

@@ -15,19 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from autoassign.data.decoding import ImageLoadError, decode_image_file
 from autoassign.data.records import ImageRecord
-from autoassign.errors import AutoAssignError
 
 MIN_BOX_SIDE = 1e-3
 """Training boxes narrower or shorter than this (pixels, after clipping) are dropped."""
-
-
-class ImageLoadError(AutoAssignError, ValueError):
-    """An image file is missing, unreadable, or disagrees with its annotation record."""
 
 
 @dataclass
@@ -41,6 +36,8 @@ class Sample:
         index: the record's index in ``DetectionDataset.records``.
         original_size: ``(h, w)`` of the decoded file.
         flipped: whether the image (and its boxes) were mirrored left-right.
+        skipped: ``(file, warning)`` of each image that could not be used and that this
+            sample stands in for (the loader logs each file's warning once).
     """
 
     image: Tensor
@@ -48,6 +45,7 @@ class Sample:
     index: int
     original_size: tuple[int, int]
     flipped: bool
+    skipped: tuple[tuple[str, str], ...] = ()
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -61,30 +59,16 @@ class Sample:
 
 
 def load_image(path: str | Path) -> Tensor:
-    """Decode a JPEG or PNG file into a ``[3, H, W]`` uint8 RGB tensor.
+    """Decode an image file into a ``[3, H, W]`` uint8 RGB tensor, as displayed.
 
-    Grayscale is replicated to three channels, palette images are expanded, an alpha channel
-    is dropped (not composited), and 16-bit PNGs are rescaled to 8 bits.
+    Grayscale is replicated to three channels, palette images are expanded, transparency is
+    composited onto white, 16-bit images are scaled to 8 bits, CMYK JPEGs are converted and
+    the EXIF orientation of JPEGs is applied (:mod:`autoassign.data.decoding`).
 
     Raises:
         ImageLoadError: the file is missing or is not a decodable image.
     """
-    try:
-        data = read_file(str(path))
-    except RuntimeError as error:
-        raise ImageLoadError(f"{path}: cannot read image file ({_last_line(error)})") from None
-    try:
-        image = decode_image(data, mode=ImageReadMode.RGB)
-    except RuntimeError as error:
-        raise ImageLoadError(f"{path}: cannot decode image ({_last_line(error)})") from None
-    if image.dtype != torch.uint8:
-        image = F.to_dtype(image, torch.uint8, scale=True)
-    return image
-
-
-def _last_line(error: Exception) -> str:
-    # torchvision prefixes its messages with the C++ source location; keep the human part.
-    return str(error).strip().splitlines()[-1].split(", ")[-1]
+    return decode_image_file(path)
 
 
 def resized_size(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
@@ -175,9 +159,11 @@ def load_record_image(record: ImageRecord) -> Tensor:
     image = load_image(record.path)
     height, width = int(image.shape[-2]), int(image.shape[-1])
     if (height, width) != (record.height, record.width):
+        turned = (height, width) == (record.width, record.height)
+        hint = " (the same turned by 90 degrees; the validator says why)" if turned else ""
         raise ImageLoadError(
             f"{record.path}: decoded image is {width}x{height} (w x h) but its annotation "
-            f"record says {record.width}x{record.height}"
+            f"record says {record.width}x{record.height}{hint}"
         )
     return image
 
@@ -207,13 +193,17 @@ def train_sample(
     return Sample(image, target, index, original_size, flip)
 
 
-def eval_sample(record: ImageRecord, index: int, *, min_size: int, max_size: int) -> Sample:
+def eval_sample(
+    record: ImageRecord, index: int, *, min_size: int, max_size: int, image: Tensor | None = None
+) -> Sample:
     """Decode and resize one record for inference; never flipped.
 
     Boxes are only scaled into the resized frame (no clipping, nothing dropped): evaluators
-    read ground truth from the records, these targets are for inspection only.
+    read ground truth from the records, these targets are for inspection only. ``image``
+    (``[3, record.height, record.width]`` uint8) is used instead of decoding the file.
     """
-    image = load_record_image(record)
+    if image is None:
+        image = load_record_image(record)
     original_size = (int(image.shape[-2]), int(image.shape[-1]))
     image, (scale_y, scale_x) = resize_image(image, min_size, max_size)
     boxes, labels, ignore = record_boxes(record)
