@@ -1,8 +1,10 @@
 """A fast scan of a dataset split before training: counts, and every problem with its place.
 
 The scan reads the annotations with the normal readers in their collecting mode and checks
-each image's header (no pixel decoding): the file exists, is a readable image and has the
-size the annotations give. It also counts what training will not use, per rule: the
+each image's header (no pixel decoding): the file exists, is a readable image, still ends
+with its end marker (a JPEG or PNG without one is decoded to confirm it is cut short) and has
+the size the annotations give, in the displayed frame of an EXIF-rotated JPEG
+(:func:`autoassign.data.images.check_image`). It also counts what training will not use, per rule: the
 annotations the COCO-style readers leave out (:data:`autoassign.data.coco.TRAINING_FILTERS`)
 and, for the training split, the images skipped
 (:data:`autoassign.data.building.TRAINING_IMAGE_FILTERS`). Training calls
