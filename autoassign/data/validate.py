@@ -4,9 +4,9 @@ The scan reads the annotations with the normal readers in their collecting mode 
 each image's header (no pixel decoding): the file exists, is a readable image, still ends
 with its end marker (a JPEG or PNG without one is decoded to confirm it is cut short) and has
 the size the annotations give, in the displayed frame of an EXIF-rotated JPEG
-(:func:`autoassign.data.images.check_image`). It also counts what training will not use, per rule: the
-annotations the COCO-style readers leave out (:data:`autoassign.data.coco.TRAINING_FILTERS`)
-and, for the training split, the images skipped
+(:func:`autoassign.data.images.check_image`). It also counts what training will not use,
+per rule: the annotations the COCO-style readers leave out
+(:data:`autoassign.data.coco.TRAINING_FILTERS`) and, for the training split, the images skipped
 (:data:`autoassign.data.building.TRAINING_IMAGE_FILTERS`). Training calls
 :func:`scan_dataset` first and refuses to start when :attr:`ScanReport.ok` is False. From the
 command line::
