@@ -33,6 +33,7 @@ COPY autoassign/ autoassign/
 COPY orchestration/ orchestration/
 COPY configs/ configs/
 COPY scripts/ scripts/
+COPY deploy/ deploy/
 
 # The project (no dev extras), plus what the stack cannot run without:
 # - ray[default]: the dashboard and its Jobs API (port 8265), which `ray start --head` only
@@ -43,9 +44,9 @@ COPY scripts/ scripts/
 RUN python -m pip install . "ray[default]" "psycopg[binary]>=3.1,<4" \
     && rm -rf build ./*.egg-info
 
-# /state is the scheduler's named volume: a fresh volume takes this folder's owner, so the
-# non-root user can write its database there.
-RUN mkdir -p /state && chown autoassign:autoassign /state
+# /state (the scheduler's) and /auth (MLflow's users) are named volumes: a fresh volume takes
+# its folder's owner, so the non-root user can write its database there.
+RUN mkdir -p /state /auth && chown autoassign:autoassign /state /auth
 
 USER autoassign
 ENV HOME=/home/autoassign
