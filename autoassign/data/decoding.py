@@ -74,7 +74,11 @@ def _decode_jpeg(data: bytes, path: str | Path) -> Tensor:
 
 def apply_orientation(image: Tensor, orientation: int) -> Tensor:
     """Turn ``[C, H, W]`` stored pixels into the displayed image of EXIF ``orientation`` 1-8
-    (the same turn as ``PIL.ImageOps.exif_transpose``); 5-8 return ``[C, W, H]``."""
+    (the same turn as ``PIL.ImageOps.exif_transpose``); 5-8 return ``[C, W, H]``.
+
+    The result may be a strided view: making it contiguous would copy every image (torchvision
+    decodes into a channels-last buffer), and the resize that follows reads any layout.
+    """
     if orientation == 2:
         image = image.flip(-1)
     elif orientation == 3:
@@ -89,7 +93,7 @@ def apply_orientation(image: Tensor, orientation: int) -> Tensor:
         image = image.transpose(-1, -2).flip(-1).flip(-2)
     elif orientation == 8:
         image = torch.rot90(image, k=1, dims=(-2, -1))  # counter-clockwise
-    return image.contiguous()
+    return image
 
 
 def _decode_with_pil(data: bytes, path: str | Path) -> Tensor:
