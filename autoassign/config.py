@@ -44,8 +44,31 @@ class BackboneConfig(_Strict):
     style: Literal["caffe", "pytorch"] = "caffe"
     frozen_stages: int = Field(1, ge=-1, le=4)
     norm: Literal["frozen_bn", "bn", "gn"] = "frozen_bn"
-    weights: Path | None = None
-    """ImageNet weights file (torchvision or detectron2/MSRA caffe naming); None = random."""
+    weights: Path | str | None = None
+    """ImageNet weights: a file (torchvision or detectron2/MSRA caffe naming), or a name fetched
+    into torch hub's cache on first use (``msra:R-50``, ``msra:R-101`` for style caffe;
+    ``torchvision:IMAGENET1K_V1``, ``torchvision:IMAGENET1K_V2`` for style pytorch; see
+    ``autoassign.weight_names``); None = random. A name stays a string, a path is a Path."""
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _name_or_path(cls, value: object) -> object:
+        """Only ``msra:`` and ``torchvision:`` strings are names; any other string is a path."""
+        from autoassign.weight_names import is_weights_name
+
+        if isinstance(value, str) and not is_weights_name(value):
+            return Path(value)
+        return value
+
+    @model_validator(mode="after")
+    def _named_weights_fit(self) -> BackboneConfig:
+        """A name must exist for this depth and fit this style and norm (checked here, not
+        when the weights are loaded, so that a sweep's trials are refused before they start)."""
+        if isinstance(self.weights, str):
+            from autoassign.weight_names import check_weights_name
+
+            check_weights_name(self.weights, depth=self.depth, style=self.style, norm=self.norm)
+        return self
 
 
 class HeadConfig(_Strict):

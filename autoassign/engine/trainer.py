@@ -248,6 +248,7 @@ class Trainer:
         )
         from autoassign.eval import build_evaluator
         from autoassign.model import build_detector
+        from autoassign.model.pretrained import fetch_on_main_process_first
 
         cfg = self.config
         self.rank = dist_utils.get_rank()
@@ -255,6 +256,10 @@ class Trainer:
         self.device = resolve_device(self.requested_device)
         self.is_main = self.rank == 0
 
+        # Named ImageNet weights first, so that a download failure stops the run at once: rank
+        # 0 downloads, the other ranks wait, then all read the cache (before seeding: without
+        # a checksum the download's check builds a ResNet, on rank 0 only).
+        fetch_on_main_process_first(cfg.model.backbone.weights, depth=cfg.model.backbone.depth)
         self.train_dataset, self.val_dataset = prepare_datasets(
             cfg.data, scan_record=self.output_dir / "dataset_scan.json"
         )

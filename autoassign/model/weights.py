@@ -1,5 +1,8 @@
 """Loading weights from local files: ImageNet backbones and whole-detector checkpoints.
 
+ImageNet weights named in a config (``msra:R-50``, ``torchvision:IMAGENET1K_V2``) are
+fetched into torch hub's cache first by :mod:`autoassign.model.pretrained`, then read here.
+
 Backbone ImageNet weights come in three namings, all mapped onto torchvision's ResNet names
 (which our backbone uses):
 
@@ -28,7 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from autoassign.errors import CheckpointError
+from autoassign.errors import CheckpointError, ConfigError
+from autoassign.weight_names import check_weights_name, is_weights_name
 
 __all__ = [
     "WeightsError",
@@ -249,11 +253,28 @@ def backbone_state_dict_from_imagenet(state_dict: Mapping[str, Tensor]) -> dict[
     return out
 
 
-def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
-    """Load ImageNet weights (torchvision, detectron2 or Caffe2 naming) into ``backbone``."""
-    path = Path(path)
+def load_backbone_weights(backbone: nn.Module, weights: str | Path) -> None:
+    """Load ImageNet weights (torchvision, detectron2 or Caffe2 naming) into ``backbone``.
+
+    ``weights`` is a file, or a name (``msra:R-50``, ``torchvision:IMAGENET1K_V2``; see
+    :mod:`autoassign.weight_names`) whose file is fetched into torch hub's cache when missing
+    (:mod:`autoassign.model.pretrained`). A name must fit the backbone's depth and style.
+    """
+    source = weights
+    if is_weights_name(weights):
+        from autoassign.model.pretrained import weights_file
+
+        depth, style = getattr(backbone, "depth", None), getattr(backbone, "style", None)
+        try:
+            check_weights_name(str(weights), depth=depth, style=style, norm="")
+        except ValueError as error:
+            raise ConfigError(f"model.backbone: {error}") from None
+        path = weights_file(weights, depth=depth)
+        source = f"{weights} ({path})"
+    else:
+        path = Path(weights)
     state_dict = backbone_state_dict_from_imagenet(_unwrap(path, read_weights_file(path)))
-    load_state_dict_checked(backbone, state_dict, source=f"{path} (backbone weights)")
+    load_state_dict_checked(backbone, state_dict, source=f"{source} (backbone weights)")
 
 
 # --------------------------------------------------------------------------------------------

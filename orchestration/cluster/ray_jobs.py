@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from autoassign.errors import ConfigError
+from autoassign.weight_names import is_weights_name
 from orchestration.common.error_text import ray_error_reason
 
 # What a sweep job never uploads. Ray reads these as .gitignore lines: a pattern without a
@@ -150,8 +151,8 @@ class SweepJob:
                 ("model.backbone.weights", experiment.model.backbone.weights),
                 ("model.checkpoint", experiment.model.checkpoint),
             ):
-                if path is None or Path(path).is_absolute():
-                    continue
+                if path is None or is_weights_name(path) or Path(path).is_absolute():
+                    continue  # a name is fetched by the sweep, an absolute path is the nodes'
                 if not (root / path).is_file() or is_excluded(root / path):
                     missing.setdefault((key, Path(path)), []).append(
                         f"datasets.{index} ({dataset.name})"

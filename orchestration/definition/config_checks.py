@@ -12,6 +12,7 @@ from autoassign.config_loading import (
     check_field_path,
 )
 from autoassign.errors import ConfigError
+from autoassign.weight_names import is_weights_name
 from orchestration.definition.sweep_config import DatasetConfig, SweepConfig
 from orchestration.definition.trial_experiments import VARIANT_KEY, trial_experiment
 
@@ -110,8 +111,22 @@ def check_variants(sweep: SweepConfig, *, source: str) -> None:
             trial_experiment(sweep, dataset, {VARIANT_KEY: name}, source=where)
 
 
+def _fetch_named_weights(name: str, config: ExperimentConfig, *, where: str) -> None:
+    """Named ImageNet weights (``msra:R-50``) are in this machine's cache, downloaded now when
+    missing: the driver fills the cache before Ray starts, or the sweep stops, naming the URL
+    and where to place the file (workers on other machines fetch on their own rank 0)."""
+    from autoassign.model.pretrained import weights_file
+
+    try:
+        weights_file(name, depth=config.model.backbone.depth)
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from None
+
+
 def check_dataset_folders(sweep: SweepConfig, *, source: str) -> None:
-    """Every non-synthetic dataset's root exists (synthetic ones are written when missing)."""
+    """Every non-synthetic dataset's root exists (synthetic ones are written when missing),
+    and the weights and checkpoint files its trials start from are there (named ImageNet
+    weights: fetched into the cache now)."""
     for index, dataset in enumerate(sweep.datasets):
         if dataset.synthetic_options is not None or dataset.root.is_dir():
             continue
@@ -132,8 +147,11 @@ def check_dataset_folders(sweep: SweepConfig, *, source: str) -> None:
             ("model.backbone.weights", config.model.backbone.weights),
             ("model.checkpoint", config.model.checkpoint),
         ):
-            if file is not None and not file.is_file():
-                origin = "the dataset's recipe or overrides" if key in dataset.overrides else "base"
+            origin = "the dataset's recipe or overrides" if key in dataset.overrides else "base"
+            if is_weights_name(file):
+                where = f"{source}: datasets.{index} ({dataset.name}): {key} {file}"
+                _fetch_named_weights(file, config, where=f"{where} (set by {origin})")
+            elif file is not None and not file.is_file():
                 raise ConfigError(
                     f"{source}: datasets.{index} ({dataset.name}): {key} {file} does not "
                     f"exist (set by {origin}); put the file there, or override {key} "

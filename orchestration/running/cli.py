@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from autoassign.errors import run_cli
+from autoassign.weight_names import is_weights_name
 from orchestration.definition.config_checks import check_dataset_folders
 from orchestration.definition.config_loading import load_sweep_config
 from orchestration.definition.sweep_config import SweepConfig
@@ -123,7 +124,10 @@ PATH_FIELDS = (
 
 
 def _absolute(value: Any, kind: type) -> Any:
-    """``value`` (a path, a list of paths or None) made absolute, each path as ``kind``."""
+    """``value`` (a path, a list of paths or None) made absolute, each path as ``kind``;
+    named ImageNet weights (``msra:R-50``) are no path and stay as they are."""
+    if is_weights_name(value):
+        return value
     if isinstance(value, list):
         return [kind(Path(item).absolute()) for item in value]
     if isinstance(value, (str, Path)):
