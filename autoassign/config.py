@@ -138,6 +138,12 @@ class InputConfig(_Strict):
 
 
 class ModelConfig(_Strict):
+    kind: Literal["autoassign", "fcos"] = "autoassign"
+    """Which detector: ``autoassign``, or ``fcos``, the baseline it is measured against
+    (torchvision's FCOS head, center-sampling assignment and losses on this backbone and FPN,
+    see :mod:`autoassign.model.fcos`). FCOS uses ``backbone``, ``fpn_channels``,
+    ``head.num_convs``, ``inference``, ``input`` and ``checkpoint``; it ignores
+    ``center_prior``, ``loss``, ``head.prior_prob`` and ``head.reg_bias_init``."""
     num_classes: int = Field(80, gt=0)
     backbone: BackboneConfig = BackboneConfig()
     fpn_channels: int = Field(256, gt=0)

@@ -8,9 +8,11 @@ CHECKPOINT is a checkpoint directory (e.g. ``runs/x/checkpoints/last``) or its
 ``checkpoint.pt``, or a model URI that an installed package resolves
 (:mod:`autoassign.checkpoint_sources`): with the platform installed,
 ``models:/autoassign-coco@best`` or ``models:/autoassign-coco/3`` from the MLflow model
-registry at ``MLFLOW_TRACKING_URI``. IMAGES are image files, folders (searched recursively for
-.jpg/.jpeg/.png) or list files (``.txt``, one image path a line, relative to ``--root`` or
-else to the list's folder: WiderFace's ``wider_face_test_filelist.txt`` is one). The model is
+registry at ``MLFLOW_TRACKING_URI``. The checkpoint's config says which detector it holds
+(``model.kind``: AutoAssign or the FCOS baseline). IMAGES are image files, folders (searched
+recursively for .jpg/.jpeg/.png) or list files (``.txt``, one image path a line, relative to
+``--root`` or else to the list's folder: WiderFace's ``wider_face_test_filelist.txt`` is
+one). The model is
 rebuilt from the checkpoint's resolved config and weights; each image is resized as in
 evaluation (``model.input``). An image's name is its path relative to ``--root`` when given
 (use the dataset's image folder so names match its annotations), else its base name.
@@ -53,7 +55,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m autoassign.predict",
-        description="Detect objects in images with a trained AutoAssign checkpoint.",
+        description="Detect objects in images with a trained checkpoint (AutoAssign or FCOS, "
+        "as its config says).",
     )
     parser.add_argument(
         "checkpoint",

@@ -1,15 +1,19 @@
 """AutoAssign's learned label assignment against FCOS's fixed one, on the same data and budget.
 
-torchvision's FCOS (center sampling, radius 1.5 strides) is built on exactly the backbone and
-FPN that the project config builds (depth, norm, width, P3-P7, the same initialisation),
-with a head of the same depth and width. Both models then go through one training loop:
-the project's loader (resize, flip, batching), its SGD parameter groups, warmup and
-step schedule and gradient clipping. Both are scored by the project's evaluator for the
-dataset. What differs is what the paper compares: the assignment and the losses (FCOS: focal
-loss, GIoU and centerness; AutoAssign: its weighted positive, negative and center losses).
-FCOS keeps its own head details (GroupNorm of 16 groups, a centerness branch on the
-regression tower). Inference limits are the config's (score threshold, candidates per
-level, NMS IoU, detections per image).
+FCOS is the project's ``model.kind: fcos`` (:mod:`autoassign.model.fcos`): torchvision's FCOS
+head, assignment (center sampling, radius 1.5 strides) and losses on exactly the backbone and
+FPN that the project config builds (depth, norm, width, P3-P7, the same initialisation), with
+a head of the same depth and width. Both models then go through one training loop: the
+project's loader (resize, flip, batching), its SGD parameter groups, warmup and step schedule
+and gradient clipping. Both are scored by the project's evaluator for the dataset. What
+differs is what the paper compares: the assignment and the losses (FCOS: focal loss, GIoU and
+centerness; AutoAssign: its weighted positive, negative and center losses). FCOS keeps its
+own head details (torchvision's initialisation, a centerness branch on the regression tower).
+Inference limits are the config's (score threshold, candidates per level, NMS IoU,
+detections per image).
+
+The same comparison runs through the platform, with MLflow runs and a learning-rate grid:
+``configs/baseline.yaml`` (``variants: {autoassign: {}, fcos: {model.kind: fcos}}``).
 
 Several seeds are run, because at demo scale the gap between the two is of the order of the
 seed-to-seed spread. Each seed prints the metric of both models. The end prints the mean
@@ -26,19 +30,14 @@ import json
 import statistics
 import sys
 import time
-import types
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
-from torchvision.models.detection import FCOS
-from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.fcos import FCOSHead
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from autoassign.config import ExperimentConfig, ModelConfig  # noqa: E402
+from autoassign.config import ExperimentConfig  # noqa: E402
 from autoassign.config_loading import load_experiment_config  # noqa: E402
 from autoassign.data.loader import (  # noqa: E402
     build_eval_loader,
@@ -50,76 +49,13 @@ from autoassign.engine.optim import WarmupStepSchedule, build_optimizer, scaled_
 from autoassign.engine.trainer import seed_everything  # noqa: E402
 from autoassign.eval import build_evaluator  # noqa: E402
 from autoassign.model import build_detector  # noqa: E402
-from autoassign.model.detector import rescale_detections  # noqa: E402
-
-
-class FeaturePyramid(nn.Module):
-    """The project's backbone + FPN as torchvision's detectors expect a backbone: an
-    ordered dict of ``[B, out_channels, H_l, W_l]`` maps, P3 to P7."""
-
-    def __init__(self, backbone: nn.Module, fpn: nn.Module, out_channels: int):
-        super().__init__()
-        self.backbone, self.fpn, self.out_channels = backbone, fpn, out_channels
-
-    def forward(self, images: Tensor) -> OrderedDict[str, Tensor]:
-        return OrderedDict((f"p{i + 3}", f) for i, f in enumerate(self.fpn(self.backbone(images))))
-
-
-class FCOSPeer(nn.Module):
-    """torchvision's FCOS on the project's backbone and FPN, called like the project's
-    detector: ``model(images, targets, image_sizes=...)`` gives the losses in training, and
-    ``model(images, image_sizes=..., original_sizes=...)`` the detections in original pixels.
-
-    ``images`` is the loader's ``[B, 3, H, W]`` uint8 padded batch; FCOS gets each image
-    cropped to its size, and normalises it with the project's pixel mean and std (its
-    resize is bypassed: the loader already resized).
-    """
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        if cfg.backbone.style != "pytorch":
-            raise SystemExit("error: the FCOS peer takes RGB input: use backbone.style pytorch")
-        reference = build_detector(cfg)  # the same modules, built and initialised the same way
-        features = FeaturePyramid(reference.backbone, reference.fpn, cfg.fpn_channels)
-        strides = reference.fpn.strides
-        inference = cfg.inference
-        self.fcos = FCOS(
-            features,
-            num_classes=cfg.num_classes,
-            image_mean=(reference.pixel_mean.flatten() / 255).tolist(),
-            image_std=(reference.pixel_std.flatten() / 255).tolist(),
-            # One location per cell: FCOS reads only the anchors' centres.
-            anchor_generator=AnchorGenerator(
-                tuple((s,) for s in strides), ((1.0,),) * len(strides)
-            ),
-            head=FCOSHead(cfg.fpn_channels, 1, cfg.num_classes, num_convs=cfg.head.num_convs),
-            score_thresh=inference.score_threshold,
-            nms_thresh=inference.nms_iou,
-            detections_per_img=inference.max_detections,
-            topk_candidates=inference.pre_nms_top_k,
-        )
-        transform = self.fcos.transform
-        transform.resize = types.MethodType(
-            lambda self, image, target=None: (image, target), transform
-        )
-        transform.size_divisible = cfg.input.size_divisor
-
-    def forward(self, images, targets=None, image_sizes=None, original_sizes=None):
-        crops = [image[:, :h, :w].float() / 255 for image, (h, w) in zip(images, image_sizes)]
-        if self.training:
-            return self.fcos(crops, targets)
-        detections = self.fcos(crops)
-        return [
-            rescale_detections(d, size, original)
-            for d, size, original in zip(detections, image_sizes, original_sizes)
-        ]
 
 
 def train_and_score(name: str, cfg: ExperimentConfig, datasets, seed: int) -> dict[str, float]:
     """Train ``name`` (autoassign or fcos) with seed ``seed``; the evaluator's metrics."""
     train_set, val_set = datasets
     seed_everything(seed)
-    model = build_detector(cfg.model) if name == "autoassign" else FCOSPeer(cfg.model)
+    model = build_detector(cfg.model.model_copy(update={"kind": name}))
     model.train()
     data, train = cfg.data, cfg.train
     peak_lr = scaled_lr(train, data.batch_size)

@@ -21,7 +21,7 @@ the run stops early or fails (``state.status`` says which). Files under ``output
     checkpoints/iter_NNNNNNNN/checkpoint.pt a run stopped mid-epoch
     checkpoints/last/checkpoint.pt          the latest checkpoint
     final_metrics.json     the last evaluation
-    center_prior.png/json  the learned center priors per class
+    center_prior.png/json  the learned center priors per class (AutoAssign; FCOS has none)
 
 Non-finite values are agreed on by all ranks before anyone acts: each step, every rank
 contributes a flag (its head outputs, parameters or loss not finite, or its forward pass
@@ -84,7 +84,9 @@ logger = logging.getLogger(__name__)
 _THIS_MODEL = "the model of this config"
 
 LOSS_TERMS = ("loss_pos", "loss_neg", "loss_center")
-LOSS_NAMES = ("loss", *LOSS_TERMS)
+"""AutoAssign's loss terms: those of a detector that declares no ``loss_terms`` (FCOS declares
+its own, see :mod:`autoassign.model.fcos`). The losses reported each step are ``loss`` (their
+sum) and each term."""
 
 # What a rank reports about its step (see Trainer._local_code), worst last.
 _FINITE, _NONFINITE_LOSS, _NONFINITE_HEAD, _FORWARD_FAILED, _FORWARD_ERROR = 0, 1, 2, 3, 4
@@ -170,12 +172,13 @@ def _map_tensors(value: Any, fn: Any) -> Any:
 class _EpochLossMeans:
     """Means of each loss over an epoch's steps, each over the steps where it was finite."""
 
-    def __init__(self) -> None:
+    def __init__(self, names: Sequence[str] = ("loss", *LOSS_TERMS)) -> None:
+        self.names = tuple(names)
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
 
     def add(self, losses: dict[str, float]) -> None:
-        for name in LOSS_NAMES:
+        for name in self.names:
             value = losses.get(name, math.nan)
             if math.isfinite(value):
                 self.sums[name] = self.sums.get(name, 0.0) + value
@@ -275,6 +278,8 @@ class Trainer:
         if self.use_cuda_features and cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.detector = model
+        self.loss_terms = tuple(getattr(model, "loss_terms", LOSS_TERMS))
+        self.loss_names = ("loss", *self.loss_terms)
         if hasattr(model, "head"):
             model.head.register_forward_hook(self._head_guard)
             if isinstance(getattr(model.head, "center_prior", None), nn.Module):
@@ -409,7 +414,7 @@ class Trainer:
     def _train_epoch(self) -> bool:
         """Run the rest of the current epoch; True when a callback asked to stop."""
         state = self.state
-        self._epoch_losses = _EpochLossMeans()
+        self._epoch_losses = _EpochLossMeans(self.loss_names)
         if state.batch_in_epoch >= self.iters_per_epoch:
             return False
         self.train_loader.batch_sampler.set_epoch(state.epoch, start_batch=state.batch_in_epoch)
@@ -466,7 +471,7 @@ class Trainer:
         total, values, failure = self._forward(images, targets, batch.image_sizes)
         codes = dist_utils.max_per_rank(self._local_code(values, failure))
         reduced = dist_utils.mean_across_ranks(values).tolist()
-        losses = dict(zip(LOSS_NAMES, reduced))
+        losses = dict(zip(self.loss_names, reduced))
         if bool(codes.any()):
             self.optimizer.zero_grad(set_to_none=True)
             return self._nonfinite_losses(codes, losses, failure)  # raises unless skipping
@@ -493,8 +498,9 @@ class Trainer:
     def _forward(
         self, images: torch.Tensor, targets: list[dict], image_sizes: Any
     ) -> tuple[torch.Tensor | None, torch.Tensor, _ForwardFailure | None]:
-        """The training forward pass: ``(total loss, [4] float32 loss values (total, then
-        LOSS_TERMS), None)``, or ``(None, [4] NaN, the failure)`` when it raised.
+        """The training forward pass: ``(total loss, [1 + T] float32 loss values (total, then
+        the detector's T loss terms), None)``, or ``(None, [1 + T] NaN, the failure)`` when it
+        raised.
 
         Nothing is raised here: a rank whose forward pass fails (the loss rejecting NaN
         probabilities, a box op on NaN boxes, any other error) joins the collective the
@@ -505,20 +511,22 @@ class Trainer:
         try:
             with self._autocast():
                 loss_dict = self.model(images, targets, image_sizes=image_sizes)
-            total = sum(loss_dict[name] for name in LOSS_TERMS)
-            values = torch.stack([total.detach()] + [loss_dict[n].detach() for n in LOSS_TERMS])
+            terms = [loss_dict[name] for name in self.loss_terms]
+            total = sum(terms)
+            values = torch.stack([total.detach()] + [term.detach() for term in terms])
         except Exception as error:
             nonfinite = self._head_guard.tripped() or not self._parameters_finite()
             self._join_loss_collective()
-            failed = torch.full((len(LOSS_NAMES),), math.nan, device=self.device)
+            failed = torch.full((len(self.loss_names),), math.nan, device=self.device)
             return None, failed, _ForwardFailure(error, nonfinite)
         return total, values.float(), None
 
     def _join_loss_collective(self) -> None:
         """Take part, with NaN, in the loss's normaliser all-reduce that this rank's failed
         forward pass did not reach, so that the other ranks' next collective (the step's
-        flag) meets this rank's. The NaN makes their losses non-finite too."""
-        if dist_utils.is_distributed():
+        flag) meets this rank's. The NaN makes their losses non-finite too. A detector whose
+        loss takes part in no collective (``loss_all_reduces = False``: FCOS) has none to join."""
+        if dist_utils.is_distributed() and getattr(self.detector, "loss_all_reduces", True):
             stand_in = torch.full(
                 (_LOSS_COLLECTIVE_SIZE,), math.nan, dtype=torch.float32, device=self.device
             )
@@ -821,7 +829,10 @@ class Trainer:
         (self.output_dir / "final_metrics.json").write_text(
             json.dumps(json_safe(metrics), indent=2) + "\n", encoding="utf-8"
         )
-        write_center_prior_report(self.detector, self.train_dataset.class_names, self.output_dir)
+        if hasattr(getattr(self.detector, "head", None), "center_prior"):  # not FCOS
+            write_center_prior_report(
+                self.detector, self.train_dataset.class_names, self.output_dir
+            )
         if self.evaluator.curves:
             write_pr_curve_report(
                 self.evaluator.curves,

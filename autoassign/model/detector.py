@@ -13,7 +13,7 @@ from autoassign.model.fpn import FPN
 from autoassign.model.head import AutoAssignHead
 from autoassign.model.weights import load_backbone_weights, load_detector_checkpoint
 
-__all__ = ["AutoAssign", "build_detector", "CAFFE_PIXEL_MEAN_BGR"]
+__all__ = ["AutoAssign", "build_autoassign", "build_detector", "CAFFE_PIXEL_MEAN_BGR"]
 
 CAFFE_PIXEL_MEAN_BGR = (102.9801, 115.9465, 122.7717)
 """Per-channel means (B, G, R) subtracted from 0..255 BGR input for caffe-style backbones."""
@@ -39,6 +39,11 @@ class AutoAssign(nn.Module):
     - eval: per image ``{"boxes": [K, 4], "scores": [K], "labels": [K] int64}`` in input
       pixels, or in ``original_sizes[i]`` = (h, w) pixels when given.
     """
+
+    loss_terms = ("loss_pos", "loss_neg", "loss_center")
+    """The keys of the training loss dict (the engine sums and logs them)."""
+    loss_all_reduces = True
+    """Under DDP the loss all-reduces its normalisers (see :mod:`autoassign.model.loss`)."""
 
     def __init__(
         self,
@@ -149,10 +154,12 @@ def rescale_detections(
     return {**detections, "boxes": boxes}
 
 
-def build_detector(cfg: ModelConfig) -> AutoAssign:
-    """AutoAssign from a ``ModelConfig``; loads ``cfg.backbone.weights`` (ImageNet) and then
-    ``cfg.checkpoint`` (whole detector, ours or mmdetection naming) when set. Local files
-    only; never downloads."""
+def build_detector(cfg: ModelConfig) -> nn.Module:
+    """The detector ``cfg.kind`` names, from a ``ModelConfig``: AutoAssign, or the FCOS
+    baseline (:class:`~autoassign.model.fcos.FCOSDetector`) on the same backbone and FPN,
+    built and initialised the same way. Both are called alike (see :class:`AutoAssign`).
+    Loads ``cfg.backbone.weights`` (ImageNet) and then ``cfg.checkpoint`` (whole detector,
+    ours or mmdetection naming) when set. Local files only; never downloads."""
     backbone = build_resnet(
         depth=cfg.backbone.depth,
         style=cfg.backbone.style,
@@ -162,6 +169,20 @@ def build_detector(cfg: ModelConfig) -> AutoAssign:
     if cfg.backbone.weights is not None:
         load_backbone_weights(backbone, cfg.backbone.weights)
     fpn = FPN(in_channels=backbone.out_channels, out_channels=cfg.fpn_channels)
+    if cfg.kind == "fcos":
+        from autoassign.model.fcos import build_fcos  # fcos imports this module
+
+        model: nn.Module = build_fcos(cfg, backbone, fpn)
+    else:
+        model = build_autoassign(cfg, backbone, fpn)
+    if cfg.checkpoint is not None:
+        load_detector_checkpoint(model, cfg.checkpoint)
+    return model
+
+
+def build_autoassign(cfg: ModelConfig, backbone: ResNetBackbone, fpn: FPN) -> AutoAssign:
+    """The AutoAssign head of ``cfg`` on an already built backbone and FPN (see
+    :func:`build_detector`, the one way to build a detector)."""
     head = AutoAssignHead(
         in_channels=cfg.fpn_channels,
         num_classes=cfg.num_classes,
@@ -184,13 +205,10 @@ def build_detector(cfg: ModelConfig) -> AutoAssign:
         nms_iou=cfg.inference.nms_iou,
         max_detections=cfg.inference.max_detections,
     )
-    model = AutoAssign(
+    return AutoAssign(
         backbone=backbone,
         fpn=fpn,
         head=head,
         style=cfg.backbone.style,
         size_divisor=cfg.input.size_divisor,
     )
-    if cfg.checkpoint is not None:
-        load_detector_checkpoint(model, cfg.checkpoint)
-    return model

@@ -3,8 +3,11 @@
 One row per dataset: the best finished trial by the dataset's ranking metric, the other
 metrics of its protocol, its searched parameters, run link and checkpoint URI. ``--by PARAM``
 shows how one searched parameter (or ``variant``) moves each dataset's metric: trials,
-mean ± sample standard deviation, min and max per value; ``--classes A,B`` adds the mean
-per-class AP of those classes against the others. No Ray is needed, only the tracking
+mean ± sample standard deviation, min and max per value; when other parameters were searched
+too (``seed`` aside), also each value's best setting of them (the one with the highest mean
+over its seeds: ``--by variant`` over a learning-rate grid gives each model at its best
+learning rate) and that mean; ``--classes A,B`` adds the mean per-class AP of those classes
+against the others. No Ray is needed, only the tracking
 server (or the sweep's SQLite file).
 
 Exit status: 0 with a table, 2 for an experiment, sweep, metric or parameter that does not
@@ -40,6 +43,9 @@ from orchestration.tracking.tags import (
 
 FORMATS = ("table", "csv", "md", "json")
 SEARCH_PREFIX = "search."  # trial runs log their searched parameters as search.<dot path>
+SEED_PARAMS = ("seed",)
+"""Searched parameters that repeat a setting rather than change it: ``--by`` averages over
+them instead of picking the best."""
 
 
 class CompareError(Exception):
@@ -179,6 +185,11 @@ def by_parameter(
     """Per dataset and value of ``param``: trials, and the ranking metric's mean, sample
     standard deviation, min and max over them (the spread over seeds, in a seeded sweep).
 
+    When other parameters were searched as well (:data:`SEED_PARAMS` aside), each row also
+    has ``best_setting``, the setting of those parameters whose trials have the highest mean
+    (e.g. ``{"train.lr": "0.02"}``), and ``at_best``, those trials' spread (trials, mean, sd,
+    min, best).
+
     With ``classes``, two more statistics: the mean per-class AP (``AP/<class>``) of the
     named classes the dataset has, and of its other classes, each averaged over the trials.
     """
@@ -188,6 +199,7 @@ def by_parameter(
             f"--by {param!r} was not searched; the searched parameters are: "
             + (", ".join(searched) or "(none)")
         )
+    settings = [k for k in searched if k != param and k not in SEED_PARAMS]
     rows = []
     for s in summaries:
         groups: dict[str, list[Trial]] = {}
@@ -198,6 +210,8 @@ def by_parameter(
             trials = groups[value]
             row = {"dataset": s.dataset, "metric": s.metric, param: value}
             row.update(_spread([t.metrics[s.metric] for t in trials]))
+            if settings:
+                row.update(_best_setting(trials, settings, s.metric))
             if classes:
                 row["classes"] = _spread([_mean_ap(t, named) for t in trials], prefix="named_")
                 row["classes"].update(
@@ -205,6 +219,18 @@ def by_parameter(
                 )
             rows.append(row)
     return rows
+
+
+def _best_setting(trials: list[Trial], settings: list[str], metric: str) -> dict[str, Any]:
+    """``best_setting`` (the values of ``settings`` whose trials have the highest mean
+    ``metric``; the first in natural order on a tie) and ``at_best`` (their spread)."""
+    groups: dict[tuple[str, ...], list[float]] = {}
+    for trial in trials:
+        key = tuple(trial.params.get(name, "-") for name in settings)
+        groups.setdefault(key, []).append(trial.metrics[metric])
+    ordered = sorted(groups, key=lambda key: [natural_order(v) for v in key])
+    best = max(ordered, key=lambda key: statistics.fmean(groups[key]))
+    return {"best_setting": dict(zip(settings, best)), "at_best": _spread(groups[best])}
 
 
 def _spread(values: list[float], prefix: str = "") -> dict[str, Any]:
@@ -266,16 +292,25 @@ def leaderboard_cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[
 
 
 def by_parameter_cells(rows: list[dict[str, Any]], param: str):
-    """Columns: dataset, metric, the value, trials, mean, sd, min, best (the max); with a
+    """Columns: dataset, metric, the value, trials, mean, sd, min, best (the max); with other
+    searched parameters, ``best <parameter>`` for each (the value's best setting of them) and
+    that setting's trials, mean and sd (``its trials``, ``its mean``, ``its sd``); with a
     class split, the named and the other classes' mean AP and its sd."""
     split = any("classes" in r for r in rows)
+    settings = _ordered(k for r in rows for k in r.get("best_setting", {}))
     header = ["dataset", "metric", param, "trials", "mean", "sd", "min", "best"]
+    if settings:
+        header += [f"best {name}" for name in settings] + ["its trials", "its mean", "its sd"]
     if split:
         header += ["named AP", "named sd", "other AP", "other sd"]
     cells = []
     for r in rows:
         line = [r["dataset"], r["metric"], str(r[param]), str(r["trials"])]
         line += [_number(r[k]) for k in ("mean", "sd", "min", "best")]
+        if settings:
+            line += [str(r["best_setting"].get(name, "")) for name in settings]
+            line += [str(r["at_best"]["trials"])]
+            line += [_number(r["at_best"][k]) for k in ("mean", "sd")]
         if split:
             line += [_number(r["classes"][k]) for k in ("named_mean", "named_sd")]
             line += [_number(r["classes"][k]) for k in ("others_mean", "others_sd")]
@@ -376,8 +411,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_experiment_arguments(parser)
     parser.add_argument("--metric", help="rank every dataset by this metric instead")
     parser.add_argument("--by", metavar="PARAM", help="a searched parameter's effect instead "
-                        "(mean ± sd, min and max of the metric per value; variant for a "
-                        "sweep's variants)")  # fmt: skip
+                        "(mean ± sd, min and max of the metric per value, and its best "
+                        "setting of the other searched parameters; variant for a sweep's "
+                        "variants)")  # fmt: skip
     parser.add_argument("--classes", metavar="A,B,...", help="with --by: also the mean "
                         "per-class AP of these classes against the other classes")  # fmt: skip
     parser.add_argument("--format", choices=FORMATS, default="table")

@@ -1,4 +1,7 @@
-"""An AutoAssign checkpoint as an MLflow model: a ``python_function`` flavour with a signature.
+"""A detector checkpoint as an MLflow model: a ``python_function`` flavour with a signature.
+
+The checkpoint's config says which detector it holds (``model.kind``: AutoAssign or the FCOS
+baseline); both load and predict alike.
 
 Each registered version's ``model/`` folder is an MLflow model:
 
