@@ -103,9 +103,10 @@ def _torchvision_keys(depth: int) -> list[str]:
     return [weights.name for weights in _torchvision_enum(depth)]
 
 
-def check_weights_name(name: str, *, depth: int, style: str, norm: str) -> None:
+def check_weights_name(name: str, *, depth: int, style: str, norm: str | None = None) -> None:
     """Raise ``ValueError`` unless the weights ``name`` exist and fit a ResNet backbone of
-    this ``depth``, ``style`` and ``norm``; the message names the weights and the field."""
+    this ``depth``, ``style`` and ``norm`` (``None``: not checked); the message names the
+    weights and the field."""
     if norm == "gn":
         raise ValueError(
             f"weights {name} hold BatchNorm statistics, which norm 'gn' (GroupNorm) has no "

@@ -62,7 +62,8 @@ class PretrainedWeightsError(ConfigError):
 
 def weights_file(weights: str | Path, *, depth: int, progress: bool = True) -> Path:
     """The local file of ``model.backbone.weights``: a path as is; a name's file in torch
-    hub's cache, downloaded first when missing (see the module docstring).
+    hub's cache, downloaded first when missing (see the module docstring). ``depth`` is the
+    backbone's: a ``torchvision:`` name means the weights of that depth.
 
     Raises:
         PretrainedWeightsError: the download failed, or the file fails its check.

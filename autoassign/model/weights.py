@@ -266,7 +266,7 @@ def load_backbone_weights(backbone: nn.Module, weights: str | Path) -> None:
 
         depth, style = getattr(backbone, "depth", None), getattr(backbone, "style", None)
         try:
-            check_weights_name(str(weights), depth=depth, style=style, norm="")
+            check_weights_name(str(weights), depth=depth, style=style)
         except ValueError as error:
             raise ConfigError(f"model.backbone: {error}") from None
         path = weights_file(weights, depth=depth)

@@ -23,9 +23,11 @@ import pydantic
 import pytest
 import torch
 import torchvision
-from test_engine import run_two_ranks
+from test_engine import run_two_ranks, tiny_config
 
-from autoassign.config import ModelConfig
+from autoassign.config import ExperimentConfig, ModelConfig
+from autoassign.data.synthetic import write_synthetic
+from autoassign.engine import Trainer
 from autoassign.errors import ConfigError
 from autoassign.model.backbone import build_resnet
 from autoassign.model.pretrained import (
@@ -301,6 +303,23 @@ def test_names_that_do_not_fit_the_backbone_are_config_errors():
     assert ModelConfig(backbone={"weights": "weird:name.pkl"}).backbone.weights == Path(
         "weird:name.pkl"
     )
+
+
+def test_the_trainer_builds_its_backbone_from_the_named_weights(
+    server, tmp_path, monkeypatch, msra_r50
+):
+    data, sha256, expected = msra_r50
+    server.serve(data)
+    monkeypatch.setenv("AUTOASSIGN_WEIGHTS_SHA256", f"R-50.pkl={sha256}")
+    root = tmp_path / "coco"
+    write_synthetic("coco", root, num_images={"train": 2, "val": 2}, num_classes=2, image_size=64)
+    settings = tiny_config(root, tmp_path / "run").model_dump()
+    settings["model"]["backbone"] = {"depth": 50, "style": "caffe", "weights": "msra:R-50"}
+    config = ExperimentConfig.model_validate(settings)
+    trainer = Trainer(config, device="cpu", show_progress=False)
+    trainer.setup()
+    assert server.hits == 1
+    assert_backbone_holds(trainer.detector.backbone, expected)
 
 
 # --------------------------------------------------------------------------------------------
