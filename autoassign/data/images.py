@@ -65,8 +65,9 @@ class ImageHeader:
         format: ``"jpeg"``, ``"png"`` or PIL's name of another format (``"bmp"``, ...).
         stored_width, stored_height: the pixel array's size in the file, in pixels.
         orientation: the EXIF orientation, 1-8 (1 when absent, invalid or not a JPEG).
-        end_offset: for JPEG and PNG, where the pixel data starts, in bytes (the end
-            marker is only looked for after it); 0 for other formats.
+        end_offset: for JPEG and PNG, the byte offset just past the frame header (``IHDR``,
+            start-of-frame): the end marker is only looked for after it, so an embedded
+            EXIF thumbnail's is never taken for it; 0 for other formats.
     """
 
     format: str
@@ -101,7 +102,7 @@ def read_image_size(path: str | Path) -> tuple[int, int]:
 
 def read_image_header(path: str | Path) -> ImageHeader:
     """The header of the image file at ``path`` (a few hundred bytes read; for a JPEG with
-    EXIF data, PIL also parses that segment).
+    EXIF or XMP metadata, PIL also parses that segment for the orientation).
 
     Raises:
         FileNotFoundError: no such file.

@@ -247,9 +247,10 @@ class DetectionImages(Dataset):
         path = self.records[index].path
         if len(candidates) == 1:
             raise ImageLoadError(f"{path}: {reason}; no other training image may take its place")
+        others = len(candidates) - 1
         raise ImageLoadError(
-            f"{path} and the {len(candidates) - 1} training images tried in its place cannot "
-            f"be used (the last: {reason}); is the image folder readable?"
+            f"{path} and the {others} training image{'s' if others > 1 else ''} tried in its "
+            f"place cannot be used (the last: {reason}); is the image folder readable?"
         )
 
     def _candidates(self, index: int) -> list[int]:

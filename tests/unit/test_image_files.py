@@ -448,5 +448,5 @@ def test_a_group_without_any_usable_image_is_a_clear_error(tmp_path):
     dataset = _coco_with_one_truncated(tmp_path, count=2, bad=0)
     (tmp_path / "train" / "001.jpg").write_text("not an image")
 
-    with pytest.raises(ImageLoadError, match=r"000\.jpg and the 1 training images tried"):
+    with pytest.raises(ImageLoadError, match=r"000\.jpg and the 1 training image tried in"):
         list(build_train_loader(dataset, _data_cfg(), INPUT, seed=0))
