@@ -3,7 +3,10 @@
 
 import sys
 
-from orchestration.cluster.cli import main
+from orchestration.common.ray_token import use_a_found_token
+
+use_a_found_token()  # before anything imports Ray, which reads RAY_AUTH_MODE only then
+from orchestration.cluster.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -257,8 +257,9 @@ def connect(address: str | None) -> Any:
 
 def unauthorised(target: str) -> str:
     return (
-        f"the Ray cluster at {target} wants its auth token: set RAY_AUTH_MODE=token and "
-        "RAY_AUTH_TOKEN_PATH (or RAY_AUTH_TOKEN) to the cluster's token"
+        f"the Ray cluster at {target} wants its auth token: put the cluster's token in "
+        "~/.ray/auth_token, or name its file in RAY_AUTH_TOKEN_PATH (or give it in "
+        "RAY_AUTH_TOKEN)"
     )
 
 

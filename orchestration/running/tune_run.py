@@ -46,6 +46,29 @@ def fit_on_ray(
     return results
 
 
+TRACKING_CREDENTIAL_VARIABLES = (
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)
+"""MLflow's standard client credentials, which the trials need as much as the driver."""
+
+
+def tracking_credentials() -> dict[str, str]:
+    """The tracking server's credentials of this process, for the trials on a cluster whose
+    nodes were not started with them (a sweep run from a laptop against a shared cluster).
+
+    Inside a Ray Job (whose driver Ray starts with ``RAY_JOB_CONFIG_JSON_ENV_VAR``) nothing
+    is forwarded: the job's driver and its workers share the head's environment, and its
+    runtime environment is the job's.
+    Ray shows a job's runtime environment to whoever holds the cluster's token, who can run
+    code there anyway.
+    """
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        return {}
+    return {k: os.environ[k] for k in TRACKING_CREDENTIAL_VARIABLES if os.environ.get(k)}
+
+
 def _init_ray(where: Locations, *, configure_logging: bool = True) -> None:
     """Start or join Ray; ``configure_logging=False`` leaves Ray's driver logger without a
     terminal handler of its own (its records then reach the sweep's log file)."""
@@ -53,6 +76,9 @@ def _init_ray(where: Locations, *, configure_logging: bool = True) -> None:
 
     options: dict[str, Any] = {"log_to_driver": True, "configure_logging": configure_logging}
     if where.ray_address:
+        credentials = tracking_credentials()
+        if credentials:
+            options["runtime_env"] = {"env_vars": credentials}
         ray.init(address=where.ray_address, **options)
     else:
         ray.init(include_dashboard=False, **options)

@@ -120,6 +120,8 @@ class MlflowServer:
     env: dict[str, str]
     log: Path
     process: subprocess.Popen | None = field(default=None)
+    app_name: str | None = None
+    """``--app-name`` (``basic-auth``: MLflow's sign-in, as the compose stack runs it)."""
 
     @property
     def uri(self) -> str:
@@ -139,6 +141,7 @@ class MlflowServer:
             self.backend_store_uri,
             "--artifacts-destination",
             self.artifacts_destination,
+            *(["--app-name", self.app_name] if self.app_name else []),
         ]
         handle = self.log.open("a")
         self.process = subprocess.Popen(
@@ -247,10 +250,12 @@ def mlflow_server(tmp_path_factory, s3_server, postgres) -> Iterator[MlflowServe
 RAY_LOOPBACK_ENV = {
     # Keep every Ray address on 127.0.0.1 (Ray otherwise advertises the machine's network IP).
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    # `ray start` turns token authentication on; clients then read ~/.ray/auth_token.
-    "RAY_AUTH_MODE": "token",
     "RAY_USAGE_STATS_ENABLED": "0",
 }
+RAY_SERVER_ENV = {"RAY_AUTH_MODE": "token"}
+"""What the cluster's own processes run with: token authentication. Clients get the token
+file only (``RAY_AUTH_TOKEN_PATH``), not ``RAY_AUTH_MODE``, as a user handed a token would:
+the project's command lines turn token mode on themselves when they find a token."""
 
 
 @dataclass
@@ -319,7 +324,7 @@ def ray_cluster(tmp_path_factory, s3_server) -> Iterator[RayCluster]:
     # Job drivers run `python` from the head's PATH: the cluster python. Ray's own processes
     # and its workers run the interpreter that started the head: the same.
     path = f"{cluster_bin}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, **s3_server.env, **client_env, "PATH": path}
+    env = {**os.environ, **s3_server.env, **client_env, **RAY_SERVER_ENV, "PATH": path}
     for inherited in (
         "RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI",  # job drivers get these
         "PYTHONPATH", "VIRTUAL_ENV",  # could lead the cluster's imports back to the checkout

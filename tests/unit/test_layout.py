@@ -42,8 +42,11 @@ def test_every_module_lives_in_a_room_or_is_a_command():
     rooms = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file())
     assert rooms == sorted(ROOMS)
     for command in COMMANDS:
-        text = (PACKAGE / f"{command}.py").read_text()
-        assert len(text.splitlines()) <= 10, f"{command}.py is more than an entry point"
+        # An entry point: the docstring, then at most a handful of statements (the token
+        # step before Ray is imported, the import of the room's main, the call).
+        statements = ast.parse((PACKAGE / f"{command}.py").read_text()).body[1:]
+        assert len(statements) <= 5, f"{command}.py is more than an entry point"
+        assert not any(isinstance(s, (ast.FunctionDef, ast.ClassDef)) for s in statements)
 
 
 @pytest.mark.parametrize("room", ROOMS)

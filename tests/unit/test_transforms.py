@@ -72,14 +72,17 @@ def test_grayscale_png_and_jpeg_replicate_to_three_channels(tmp_path):
     assert torch.equal(jpeg[0], jpeg[1]) and torch.equal(jpeg[1], jpeg[2])
 
 
-def test_rgba_png_drops_alpha(tmp_path):
+def test_rgba_png_is_composited_onto_white(tmp_path):
     pixels = _pixels(5, 7, 4)
     Image.fromarray(pixels, "RGBA").save(tmp_path / "rgba.png")
 
     image = load_image(tmp_path / "rgba.png")
 
+    alpha = pixels[..., 3:].astype(np.float64) / 255
+    expected = np.round(pixels[..., :3] * alpha + 255 * (1 - alpha))
     assert image.shape == (3, 5, 7)
-    assert torch.equal(image, torch.from_numpy(pixels[..., :3]).permute(2, 0, 1))
+    difference = image.permute(1, 2, 0).numpy().astype(np.float64) - expected
+    assert np.abs(difference).max() <= 1  # rounding of the composite
 
 
 def test_palette_png_expands_to_its_colours(tmp_path):

@@ -1,0 +1,158 @@
+"""Keys on the doors, for real on 127.0.0.1: Ray's Jobs API refuses a request without the
+cluster's token, MLflow's basic-auth server one without credentials; the project's command
+lines find the token themselves (no RAY_AUTH_MODE set by hand), and a sweep signs in with
+MLflow's standard variables, its trials on the cluster too, without leaving the password in
+anything it writes."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import (
+    REPO,
+    MlflowServer,
+    SweepRunner,
+    free_port,
+    synthetic,
+    tiny_sweep,
+)
+
+pytestmark = pytest.mark.integration
+
+ADMIN, PASSWORD = "admin", "it-mlflow-password-7c1e0a"
+
+
+@pytest.fixture(scope="module")
+def signed_in_mlflow(tmp_path_factory):
+    """``mlflow server --app-name basic-auth`` with the compose stack's auth settings
+    (deploy/mlflow_basic_auth.ini, its user store moved to this folder)."""
+    folder = tmp_path_factory.mktemp("mlflow-auth")
+    ini = folder / "basic_auth.ini"
+    text = (REPO / "deploy" / "mlflow_basic_auth.ini").read_text()
+    assert "sqlite:////auth/" in text
+    ini.write_text(text.replace("sqlite:////auth/", f"sqlite:///{folder}/"))
+    env = {
+        **os.environ,
+        "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+        "MLFLOW_AUTH_ADMIN_USERNAME": ADMIN,
+        "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORD,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "it-flask-secret",
+    }
+    server = MlflowServer(
+        free_port(),
+        f"sqlite:///{folder / 'mlflow.db'}",
+        str(folder / "artifacts"),
+        env,
+        folder / "server.log",
+        app_name="basic-auth",
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+def status_of(url: str, headers: dict[str, str] | None = None) -> int:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10):
+            return 200
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def test_requests_without_the_keys_are_refused(signed_in_mlflow, ray_cluster):
+    search = f"{signed_in_mlflow.uri}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert status_of(search) == 401
+    assert status_of(search, basic(ADMIN, "wrong")) == 401
+    assert status_of(search, basic(ADMIN, PASSWORD)) == 200
+    assert status_of(f"{signed_in_mlflow.uri}/health") == 200  # what healthchecks ask
+
+    jobs = f"{ray_cluster.dashboard_url}/api/jobs/"
+    token = Path(ray_cluster.env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    assert status_of(jobs) == 401
+    assert status_of(jobs, {"Authorization": "Bearer not-the-token"}) in (401, 403)
+    assert status_of(jobs, {"Authorization": f"Bearer {token}"}) == 200
+    assert status_of(f"{ray_cluster.dashboard_url}/api/gcs_healthz") == 200  # compose's check
+
+
+def jobs_list(ray_cluster, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "orchestration.jobs", "list", "--address",
+         ray_cluster.dashboard_url],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+
+
+def test_the_jobs_cli_finds_the_token_without_ray_auth_mode(ray_cluster, tmp_path):
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    base.pop("RAY_ADDRESS", None)
+    token_file = Path(ray_cluster.env["RAY_AUTH_TOKEN_PATH"])
+
+    named = jobs_list(ray_cluster, {**base, "RAY_AUTH_TOKEN_PATH": str(token_file)})
+    assert named.returncode == 0, named.stderr
+
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    shutil.copy(token_file, home / ".ray" / "auth_token")  # Ray's default place
+    default = jobs_list(ray_cluster, {**base, "HOME": str(home)})
+    assert default.returncode == 0, default.stderr
+
+    empty = tmp_path / "nobody"
+    empty.mkdir()
+    refused = jobs_list(ray_cluster, {**base, "HOME": str(empty)})
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "wants its auth token" in refused.stderr
+
+
+def test_a_sweep_signs_in_with_mlflows_variables_and_keeps_the_password_out(
+    sweep_runner, signed_in_mlflow, s3_server
+):
+    folder = sweep_runner.folder
+    name = "it-signed-in"
+    config = tiny_sweep(
+        name,
+        folder,
+        mlflow_uri=signed_in_mlflow.uri,
+        s3_endpoint=s3_server.endpoint,
+        datasets=[synthetic("signed-shapes", "coco", folder, images=4)],
+        epochs=1,
+    )
+    credentials = {"MLFLOW_TRACKING_USERNAME": ADMIN, "MLFLOW_TRACKING_PASSWORD": PASSWORD}
+    # The cluster's nodes were started without them: the trials get them from the driver.
+    runner = SweepRunner(folder, {**sweep_runner.env, **credentials})
+    code, log = runner.run(runner.write(name, config))
+    assert code == 0, log[-4000:]
+
+    from mlflow.tracking import MlflowClient
+
+    os.environ.update(credentials)
+    try:
+        client = MlflowClient(signed_in_mlflow.uri)
+        experiment = client.get_experiment_by_name(name)
+        runs = client.search_runs([experiment.experiment_id])
+    finally:
+        for key in credentials:
+            os.environ.pop(key)
+    trials = [r for r in runs if "autoassign.dataset" in r.data.tags]
+    assert len(runs) == 2 and len(trials) == 1
+    assert trials[0].info.status == "FINISHED" and "bbox_mAP" in trials[0].data.metrics
+    # The password is in nothing the sweep wrote or logged.
+    written = [log, (folder / name / "sweep.log").read_text()]
+    written += [p.read_text() for p in (folder / name).glob("*.json")]
+    for run in runs:
+        written.append(json.dumps([run.data.params, run.data.tags]))
+    for text in written:
+        assert PASSWORD not in text
