@@ -159,7 +159,8 @@ def build_detector(cfg: ModelConfig) -> nn.Module:
     baseline (:class:`~autoassign.model.fcos.FCOSDetector`) on the same backbone and FPN,
     built and initialised the same way. Both are called alike (see :class:`AutoAssign`).
     Loads ``cfg.backbone.weights`` (ImageNet) and then ``cfg.checkpoint`` (whole detector,
-    ours or mmdetection naming) when set. Local files only; never downloads."""
+    ours or mmdetection naming) when set. Named ImageNet weights (``msra:R-50``) are fetched
+    into torch hub's cache when missing (:mod:`autoassign.model.pretrained`)."""
     backbone = build_resnet(
         depth=cfg.backbone.depth,
         style=cfg.backbone.style,
