@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestration.common.error_text import first_line
+from orchestration.common.error_text import first_line, ray_error_reason
 from orchestration.definition.sweep_config import SweepConfig
 from orchestration.definition.trial_experiments import trial_experiment
 from orchestration.definition.trial_names import (
@@ -87,8 +87,10 @@ def final_failure(run: Any, launch_id: str) -> str | None:
 
     A FAILED run is final when its loss went non-finite (restored from its checkpoint, with
     the same data order and RNG states, it would only go non-finite again), or when a driver
-    of this same launch recorded the failure: Ray Train had already spent the workers'
-    restarts on it. Failures of an earlier launch are tried again by ``--resume``.
+    of this same launch recorded a training failure (Ray Train's ``WorkerGroupError``): Ray
+    Train had already spent the workers' restarts on it. A failure around the training (Ray
+    Train's controller, storage down) is not final, and failures of an earlier launch are
+    tried again by ``--resume``.
     """
     from orchestration.tracking.tags import TAG_FAILURE, TAG_FAILURE_FINAL, TAG_FAILURE_LAUNCH
 
@@ -221,9 +223,16 @@ def run_trial(tune_config: dict[str, Any], context: SweepContext) -> None:
     )
     try:
         result = trainer.fit()
-    except Exception as error:
-        # Ray Train gave up after the workers' own restarts: not retried within this launch.
+    except ray.train.WorkerGroupError as error:
+        # The training failed after the workers' own restarts: not retried within this launch.
         _record_failure(tracker, run_id, first_line(error), {TAG_FAILURE_LAUNCH: context.launch_id})
+        raise
+    except Exception as error:
+        # Ray Train failed around the training, not in it: its controller could not start or
+        # write its state, typically to storage that is down. Tune's restarts of the trial
+        # (resources.max_failures) try again, from the last registered checkpoint.
+        reason = f"Ray Train failed around the training: {ray_error_reason(error)}"
+        _record_failure(tracker, run_id, reason, {})
         raise
     metrics = dict(result.metrics or {})
     if NONFINITE_KEY in metrics:

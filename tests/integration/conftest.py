@@ -31,6 +31,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -75,6 +76,19 @@ def aws_env() -> dict[str, str]:
 class S3Server:
     endpoint: str
     env: dict[str, str]
+    server: Any = None
+    """The ThreadedMotoServer; moto keeps its buckets in the process, so :meth:`stop` then
+    :meth:`start` is an outage after which the same data is served again."""
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        port = int(self.endpoint.rsplit(":", 1)[1])
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        self.server.start()
 
     def client(self):
         import boto3
@@ -104,10 +118,10 @@ def s3_server(aws_env) -> Iterator[S3Server]:
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    s3 = S3Server(endpoint=f"http://127.0.0.1:{port}", env=aws_env)
+    s3 = S3Server(endpoint=f"http://127.0.0.1:{port}", env=aws_env, server=server)
     s3.client().create_bucket(Bucket=BUCKET)
     yield s3
-    server.stop()
+    s3.stop()
 
 
 @dataclass
@@ -173,11 +187,20 @@ COMPOSE_FILE = Path(__file__).resolve().parents[2] / "docker-compose.yml"
 @dataclass
 class Postgres:
     port: int
+    data: Path
     database: str = "mlflow"
 
     @property
     def uri(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{self.database}"
+
+    def restart(self) -> None:
+        """``pg_ctl restart -m fast``: every connection is cut; back when it returns."""
+        subprocess.run(
+            _as_postgres_user([str(POSTGRES_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast",
+                               "-l", str(self.data.parent / "server.log"), "-w", "restart"]),
+            check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
 
 
 def _as_postgres_user(command: list[str]) -> list[str]:
@@ -204,7 +227,7 @@ def postgres() -> Iterator[Postgres | None]:
     options = f"-p {port} -h 127.0.0.1 -k {folder}"
     run([str(POSTGRES_BIN / "pg_ctl"), "-D", str(data), "-o", options, "-l",
          str(folder / "server.log"), "-w", "start"])  # fmt: skip
-    server = Postgres(port)
+    server = Postgres(port, data)
     run([str(POSTGRES_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
          server.database])  # fmt: skip
     yield server
