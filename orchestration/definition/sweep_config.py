@@ -267,6 +267,10 @@ class ResourcesConfig(_Strict):
     """Fractions are allowed (several workers on one GPU)."""
     max_failures: int = Field(2, ge=0)
     """Times a trial's workers are restarted from their last checkpoint after a crash."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How Ray places a trial's workers (Ray Train's ``ScalingConfig.placement_strategy``):
+    ``PACK`` on as few nodes as possible, ``SPREAD`` over as many as it can (losing a node
+    then takes fewer of them); the ``STRICT_`` forms wait rather than place otherwise."""
 
     @property
     def use_gpu(self) -> bool:
@@ -295,6 +299,10 @@ class StorageConfig(_Strict):
     honoured. Credentials and region come from the standard AWS environment and config."""
     num_to_keep: int = Field(2, gt=0)
     """Checkpoints kept per trial (the best by the ranking metric and the latest)."""
+    shared: bool = False
+    """A local ``path`` that every node of the cluster mounts (NFS): without it a sweep on a
+    cluster of more than one node refuses a local path (exit 2), since each node would
+    write its checkpoints where the others cannot read them."""
 
     @property
     def is_s3(self) -> bool:

@@ -3,6 +3,7 @@
     store = Storage.from_config(sweep.storage, default=Path("runs/demo/ray"))
     store.write_text("demo-20261202-a1b2/manifest.json", text)
     path, filesystem = store.ray_storage()      # for ray.train / ray.tune RunConfig
+    check_storage_reaches_every_node(sweep.storage, store.root)  # after ray.init
 
 S3 goes through boto3 (endpoint, region and credentials from the standard AWS environment
 and config files, the ``standard`` retry mode); Ray gets an explicit
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from autoassign.errors import ConfigError
 from orchestration.definition.sweep_config import StorageConfig
 
 
@@ -147,3 +149,44 @@ class Storage:
             endpoint_url=self.endpoint_url,
             config=Config(retries={"mode": "standard", "max_attempts": 5}),
         )
+
+
+# ---- a cluster of several nodes -------------------------------------------------------------
+
+
+def storage_problem(root: str, *, shared: bool, configured: bool, nodes: int) -> str | None:
+    """Why checkpoints under ``root`` would not reach every node of a cluster of ``nodes``
+    live nodes, or None when they do.
+
+    On one node every process writes and reads the same disk. On more, each Train worker
+    writes its checkpoints where it runs, and a restarted trial reads them on whichever
+    node it lands: a local folder only works where every node mounts it (``shared``).
+    ``configured``: whether ``storage.path`` was set (else ``root`` is its default).
+    """
+    if nodes <= 1 or shared or root.startswith("s3://"):
+        return None
+    what = (
+        f"storage.path {root}"
+        if configured
+        else f"storage.path is not set, so checkpoints would go to {root}, which"
+    )
+    return (
+        f"{what} is a local folder and the cluster has {nodes} nodes: a local folder on this "
+        "machine is not where the other nodes write their checkpoints, so a trial restarted "
+        "on another node could not find them; use storage.path: s3://BUCKET/PREFIX, or set "
+        f"storage.shared: true if {root} is on a filesystem every node mounts (NFS)"
+    )
+
+
+def check_storage_reaches_every_node(config: StorageConfig, root: str) -> None:
+    """Refuse (:class:`ConfigError`, exit 2) a local ``root`` on a Ray cluster of more than
+    one live node unless ``storage.shared`` says every node mounts it. Call it after
+    ``ray.init`` and before any trial starts."""
+    import ray
+
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    problem = storage_problem(
+        root, shared=config.shared, configured=config.path is not None, nodes=nodes
+    )
+    if problem is not None:
+        raise ConfigError(problem)

@@ -207,6 +207,7 @@ def run_trial(tune_config: dict[str, Any], context: SweepContext) -> None:
             num_workers=resources.workers_per_trial,
             use_gpu=resources.use_gpu,
             resources_per_worker=per_worker,
+            placement_strategy=resources.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=train_run_name(context.sweep_id, trial_id),

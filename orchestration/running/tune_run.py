@@ -12,6 +12,7 @@ from typing import Any
 
 from orchestration.definition.sweep_config import SweepConfig
 from orchestration.running.locations import Locations
+from orchestration.running.storage import check_storage_reaches_every_node
 from orchestration.running.sweep_output import SweepOutput, say
 
 DRIVER_RESOURCES = {"cpu": 0, "memory": 1}
@@ -37,6 +38,7 @@ def fit_on_ray(
     if output is not None:
         output.route_ray_processes()
     try:
+        check_storage_reaches_every_node(sweep.storage, where.storage_root)
         with ctrl_c_watch() as interrupted:
             results = _fit(sweep, where, sweep_id, parent_run_id, tracker, resuming, verbose)
     finally:
