@@ -117,8 +117,8 @@ def test_the_jobs_cli_finds_the_token_without_ray_auth_mode(ray_cluster, tmp_pat
     assert "wants its auth token" in refused.stderr
 
 
-def test_a_sweep_signs_in_with_mlflows_variables_and_keeps_the_password_out(
-    sweep_runner, signed_in_mlflow, s3_server
+def test_a_sweep_signs_in_with_mlflows_variables_and_keeps_every_secret_out(
+    sweep_runner, signed_in_mlflow, s3_server, tmp_path
 ):
     folder = sweep_runner.folder
     name = "it-signed-in"
@@ -149,10 +149,31 @@ def test_a_sweep_signs_in_with_mlflows_variables_and_keeps_the_password_out(
     trials = [r for r in runs if "autoassign.dataset" in r.data.tags]
     assert len(runs) == 2 and len(trials) == 1
     assert trials[0].info.status == "FINISHED" and "bbox_mAP" in trials[0].data.metrics
-    # The password is in nothing the sweep wrote or logged.
-    written = [log, (folder / name / "sweep.log").read_text()]
-    written += [p.read_text() for p in (folder / name).glob("*.json")]
-    for run in runs:
-        written.append(json.dumps([run.data.params, run.data.tags]))
-    for text in written:
-        assert PASSWORD not in text
+    # No secret of the sweep's environment is in anything it wrote or logged: the MLflow
+    # password, the S3 secret key, the Ray token; params, tags, log files, the manifest, the
+    # leaderboard, and the runs' text artifacts (the resolved config among them).
+    secrets = {
+        "MLFLOW_TRACKING_PASSWORD": PASSWORD,
+        "AWS_SECRET_ACCESS_KEY": s3_server.env["AWS_SECRET_ACCESS_KEY"],
+        "the Ray token": Path(runner.env["RAY_AUTH_TOKEN_PATH"]).read_text().strip(),
+    }
+    written = {"terminal": log, "sweep.log": (folder / name / "sweep.log").read_text()}
+    written |= {p.name: p.read_text() for p in (folder / name).glob("*.json")}
+    assert {"manifest.json", "leaderboard.json"} <= set(written)
+    os.environ.update(credentials)
+    try:
+        for run in runs:
+            written[f"run {run.info.run_id}"] = json.dumps([run.data.params, run.data.tags])
+            local = Path(
+                client.download_artifacts(run.info.run_id, "", str(tmp_path / run.info.run_id))
+            )
+            for file in local.rglob("*"):
+                if file.is_file() and file.suffix in {".yaml", ".json", ".txt", ".md", ".log"}:
+                    written[f"artifact {file.relative_to(local)}"] = file.read_text()
+    finally:
+        for key in credentials:
+            os.environ.pop(key)
+    assert any("sweep_resolved" in where for where in written), sorted(written)
+    for what, secret in secrets.items():
+        leaked = [where for where, text in written.items() if secret in text]
+        assert not leaked, f"{what} is in {leaked}"
