@@ -21,6 +21,17 @@ IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
 IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
 
 
+def pixel_statistics(style: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` per channel, on the 0..255 scale, that a backbone of ``style`` was
+    trained with: caffe's BGR means and unit std, or torchvision's ImageNet RGB mean and std."""
+    if style == "caffe":
+        return CAFFE_PIXEL_MEAN_BGR, (1.0, 1.0, 1.0)
+    if style == "pytorch":
+        mean = tuple(255.0 * m for m in IMAGENET_MEAN_RGB)
+        return mean, tuple(255.0 * s for s in IMAGENET_STD_RGB)
+    raise ValueError(f"unknown input style {style!r}; expected 'caffe' or 'pytorch'")
+
+
 class AutoAssign(nn.Module):
     """AutoAssign (Zhu et al., 2020): a ResNet-FPN dense detector with learned assignment.
 
@@ -60,13 +71,7 @@ class AutoAssign(nn.Module):
         self.head = head
         self.size_divisor = size_divisor
         self.bgr = style == "caffe"
-        if style == "caffe":
-            mean, std = CAFFE_PIXEL_MEAN_BGR, (1.0, 1.0, 1.0)
-        elif style == "pytorch":
-            mean = tuple(255.0 * m for m in IMAGENET_MEAN_RGB)
-            std = tuple(255.0 * s for s in IMAGENET_STD_RGB)
-        else:
-            raise ValueError(f"unknown input style {style!r}; expected 'caffe' or 'pytorch'")
+        mean, std = pixel_statistics(style)
         # Not persistent: normalisation is a property of the style, not a checkpoint value.
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)

@@ -30,13 +30,7 @@ from torchvision.models.detection.fcos import FCOSHead
 
 from autoassign.config import ModelConfig
 from autoassign.model.backbone import ResNetBackbone
-from autoassign.model.detector import (
-    CAFFE_PIXEL_MEAN_BGR,
-    IMAGENET_MEAN_RGB,
-    IMAGENET_STD_RGB,
-    AutoAssign,
-    rescale_detections,
-)
+from autoassign.model.detector import AutoAssign, pixel_statistics, rescale_detections
 from autoassign.model.fpn import FPN
 
 __all__ = ["FCOSDetector", "FCOS_LOSS_TERMS", "build_fcos"]
@@ -128,13 +122,7 @@ class FCOSDetector(nn.Module):
 
         self.size_divisor = size_divisor
         self.bgr = style == "caffe"
-        if style == "caffe":
-            mean, std = CAFFE_PIXEL_MEAN_BGR, (1.0, 1.0, 1.0)
-        elif style == "pytorch":
-            mean = tuple(255.0 * m for m in IMAGENET_MEAN_RGB)
-            std = tuple(255.0 * s for s in IMAGENET_STD_RGB)
-        else:
-            raise ValueError(f"unknown input style {style!r}; expected 'caffe' or 'pytorch'")
+        mean, std = pixel_statistics(style)
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
