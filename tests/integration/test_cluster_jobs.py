@@ -289,6 +289,12 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+# As `python -m orchestration.jobs schedule` does before Ray is imported: the test cluster's
+# clients hold its token file only, not RAY_AUTH_MODE.
+from orchestration.common.ray_token import use_a_found_token
+
+use_a_found_token()
+
 from orchestration.cluster import scheduler as cron_runner
 from orchestration.cluster.schedules import load_schedule_file
 from orchestration.cluster.job_history import JobHistory

@@ -394,10 +394,15 @@ def test_a_lost_node_and_the_trial_continues_on_the_node_left(
         for stamp in re.findall(r"^(\S+ \S+) .*starting at iteration [1-9]", worker_log, re.M)
     ]
     assert restored_at and restored_at[-1] > killed_at
+    # A step logged in the moments between reading the history and the kill is not in
+    # steps_before: what was logged before the restored workers started is the reference.
     history = client.get_metric_history(run.info.run_id, "train/loss")
-    new = sorted((m.timestamp, m.step) for m in history if m.step not in steps_before)
+    logged_before = {m.step for m in history if m.timestamp / 1000 <= restored_at[-1]}
+    assert steps_before <= logged_before
+    new = sorted((m.timestamp, m.step) for m in history if m.timestamp / 1000 > restored_at[-1])
+    assert new, "nothing was logged after the workers were restored"
     first_new_ms, first_new_step = new[0]
-    assert first_new_ms / 1000 > killed_at
+    assert first_new_step > max(logged_before)  # not logged twice
     restarted = (
         "Tune started the trial again (its driver was on b)"
         if driver_on_b
