@@ -275,10 +275,20 @@ RAY_LOOPBACK_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
 }
-RAY_SERVER_ENV = {"RAY_AUTH_MODE": "token"}
-"""What the cluster's own processes run with: token authentication. Clients get the token
-file only (``RAY_AUTH_TOKEN_PATH``), not ``RAY_AUTH_MODE``, as a user handed a token would:
-the project's command lines turn token mode on themselves when they find a token."""
+CLUSTER_MLFLOW_USER = ("cluster-bot", "it-cluster-password-41d9b2")
+"""The tracking server's credentials the cluster's nodes are started with, as the compose
+stack gives its head and workers MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD from
+``.env``. Servers without authentication ignore them; test_keys' signed-in server has this
+user, with only its default permission (read) on experiments others created."""
+RAY_SERVER_ENV = {
+    "RAY_AUTH_MODE": "token",
+    "MLFLOW_TRACKING_USERNAME": CLUSTER_MLFLOW_USER[0],
+    "MLFLOW_TRACKING_PASSWORD": CLUSTER_MLFLOW_USER[1],
+}
+"""What the cluster's own processes run with: token authentication and the tracking
+server's credentials. Clients get the token file only (``RAY_AUTH_TOKEN_PATH``), not
+``RAY_AUTH_MODE``, as a user handed a token would: the project's command lines turn token
+mode on themselves when they find a token."""
 
 
 @dataclass

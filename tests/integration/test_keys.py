@@ -17,8 +17,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.integration.conftest import (
+    CLUSTER_MLFLOW_USER,
     REPO,
     MlflowServer,
     SweepRunner,
@@ -57,6 +59,15 @@ def signed_in_mlflow(tmp_path_factory):
         app_name="basic-auth",
     )
     server.start()
+    # The user the cluster's nodes sign in as (conftest's CLUSTER_MLFLOW_USER), with MLflow's
+    # default permission only: it reads every experiment and writes to its own.
+    user, password = CLUSTER_MLFLOW_USER
+    created = urllib.request.Request(
+        f"{server.uri}/api/2.0/mlflow/users/create",
+        data=json.dumps({"username": user, "password": password}).encode(),
+        headers={**basic(ADMIN, PASSWORD), "Content-Type": "application/json"},
+    )
+    urllib.request.urlopen(created, timeout=30).close()
     yield server
     server.stop()
 
@@ -88,12 +99,18 @@ def test_requests_without_the_keys_are_refused(signed_in_mlflow, ray_cluster):
     assert status_of(f"{ray_cluster.dashboard_url}/api/gcs_healthz") == 200  # compose's check
 
 
-def jobs_list(ray_cluster, env: dict[str, str]) -> subprocess.CompletedProcess:
+def jobs_cli(
+    ray_cluster, *args: str, env: dict[str, str], timeout: float = 120
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "orchestration.jobs", "list", "--address",
+        [sys.executable, "-m", "orchestration.jobs", *args, "--address",
          ray_cluster.dashboard_url],
-        capture_output=True, text=True, timeout=120, env=env,
+        capture_output=True, text=True, timeout=timeout, env=env,
     )  # fmt: skip
+
+
+def jobs_list(ray_cluster, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return jobs_cli(ray_cluster, "list", env=env)
 
 
 def test_the_jobs_cli_finds_the_token_without_ray_auth_mode(ray_cluster, tmp_path):
@@ -131,7 +148,8 @@ def test_a_sweep_signs_in_with_mlflows_variables_and_keeps_every_secret_out(
         epochs=1,
     )
     credentials = {"MLFLOW_TRACKING_USERNAME": ADMIN, "MLFLOW_TRACKING_PASSWORD": PASSWORD}
-    # The cluster's nodes were started without them: the trials get them from the driver.
+    # The cluster's nodes sign in as a user who may only read this experiment: the trials
+    # log to it because they get the driver's credentials.
     runner = SweepRunner(folder, {**sweep_runner.env, **credentials})
     code, log = runner.run(runner.write(name, config))
     assert code == 0, log[-4000:]
@@ -177,3 +195,61 @@ def test_a_sweep_signs_in_with_mlflows_variables_and_keeps_every_secret_out(
     for what, secret in secrets.items():
         leaked = [where for where, text in written.items() if secret in text]
         assert not leaked, f"{what} is in {leaked}"
+
+
+def test_a_sweep_job_signs_in_with_the_clusters_credentials(
+    sweep_runner, signed_in_mlflow, s3_server, ray_cluster, tmp_path
+):
+    """A sweep submitted as a Ray Job, by a user whose environment holds only the Ray token,
+    runs end to end against the signed-in server: its driver and trials sign in with the
+    credentials the cluster's nodes were started with, as in the compose stack."""
+    name = "it-signed-in-job"
+    project = tmp_path / "project"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for folder in ("autoassign", "orchestration", "configs"):
+        shutil.copytree(REPO / folder, project / folder, ignore=ignore)
+    config = tiny_sweep(
+        name,
+        sweep_runner.folder,
+        mlflow_uri=signed_in_mlflow.uri,
+        s3_endpoint=s3_server.endpoint,
+        datasets=[synthetic("signed-job-shapes", "coco", sweep_runner.folder, images=4)],
+        epochs=1,
+    )
+    (project / "configs" / "signed_in_job.yaml").write_text(yaml.safe_dump(config))
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_"))},
+        **ray_cluster.env,
+    }
+    submitted = jobs_cli(
+        ray_cluster, "submit", str(project / "configs" / "signed_in_job.yaml"),
+        "--working-dir", str(project), env=env,
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().splitlines()[-1]
+    followed = jobs_cli(ray_cluster, "logs", job_id, "--follow", env=env, timeout=600)
+    assert followed.returncode == 0, followed.stdout[-3000:] + followed.stderr[-2000:]
+    assert "leaderboard (best trial per dataset)" in followed.stdout
+    status = jobs_cli(ray_cluster, "status", job_id, env=env)
+    assert f"{job_id}: SUCCEEDED" in status.stdout, status.stdout + status.stderr
+
+    from mlflow.tracking import MlflowClient
+
+    credentials = {"MLFLOW_TRACKING_USERNAME": ADMIN, "MLFLOW_TRACKING_PASSWORD": PASSWORD}
+    os.environ.update(credentials)
+    try:
+        client = MlflowClient(signed_in_mlflow.uri)
+        experiment = client.get_experiment_by_name(name)
+        runs = client.search_runs([experiment.experiment_id])
+    finally:
+        for key in credentials:
+            os.environ.pop(key)
+    kinds = sorted(run.data.tags.get("autoassign.kind") for run in runs)
+    assert kinds == ["sweep", "trial"]
+    assert all(run.info.status == "FINISHED" for run in runs)
+    (trial,) = [run for run in runs if run.data.tags.get("autoassign.kind") == "trial"]
+    assert "bbox_mAP" in trial.data.metrics
+    # The job's entrypoint, its logs and its status hold neither password.
+    shown = followed.stdout + followed.stderr + status.stdout + submitted.stdout
+    for secret in (CLUSTER_MLFLOW_USER[1], PASSWORD):
+        assert secret not in shown
