@@ -3,7 +3,8 @@
 - ``metric_vs_<param>.png``: each dataset's ranking metric against one searched parameter
   (one panel per dataset, one point per finished trial, the per-value mean as a line).
 - ``learning_curves.png``: each dataset's ranking metric over training (global iteration),
-  every trial of the dataset on the same panel.
+  the dataset's best :data:`CURVES_PER_DATASET` trials on the same panel (a thousand curves
+  in one panel show nothing, and each is one metric-history read).
 
 Each function returns the matplotlib ``Figure`` so a caller (or a test) can read back the data
 it was drawn from; :func:`save` writes it as a PNG of a fixed size.
@@ -24,6 +25,8 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from orchestration.results.compare import DatasetSummary, natural_order
 
+CURVES_PER_DATASET = 10
+"""Learning curves drawn per dataset: its best trials by their final ranking metric."""
 PANEL_INCHES = (4.0, 3.0)
 DPI = 100
 
@@ -61,10 +64,13 @@ def metric_vs_parameter(summaries: list[DatasetSummary], param: str) -> Figure:
 
 
 def learning_curves(client: Any, summaries: list[DatasetSummary]) -> Figure:
-    """One panel per dataset: every trial's ranking metric at each evaluation."""
+    """One panel per dataset: the ranking metric at each evaluation of the dataset's best
+    :data:`CURVES_PER_DATASET` trials (all of them in a smaller sweep)."""
     fig, axes = _panels(len(summaries))
     for ax, summary in zip(axes, summaries):
-        for trial in summary.trials:
+        ranked = sorted(summary.scored, key=lambda t: -t.metrics[summary.metric])
+        shown = ranked[:CURVES_PER_DATASET]
+        for trial in shown:
             history = client.get_metric_history(trial.run_id, summary.metric)
             if not history:
                 continue
@@ -72,7 +78,12 @@ def learning_curves(client: Any, summaries: list[DatasetSummary]) -> Figure:
             label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in trial.params.items())
             ax.plot([m.step for m in history], [m.value for m in history], marker=".",
                     label=label or trial.run_id[:8])  # fmt: skip
-        ax.set_title(summary.dataset)
+        left_out = len(summary.trials) - len(shown)
+        ax.set_title(
+            f"{summary.dataset} (best {len(shown)} of {len(summary.trials)})"
+            if left_out
+            else summary.dataset
+        )
         ax.set_xlabel("iteration")
         ax.set_ylabel(summary.metric)
         ax.grid(alpha=0.3)

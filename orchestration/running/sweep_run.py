@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ def run_sweep(
     sweep_id: str,
     manifest: dict[str, Any] | None = None,
     output: SweepOutput | None = None,
+    trial_function: Callable[[dict[str, Any], Any], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run (or, given the manifest of an earlier run, resume) the sweep; returns the
     leaderboard rows.
@@ -46,7 +48,8 @@ def run_sweep(
     The record never claims more than happened: the manifest says ``finished`` only after
     the leaderboard, the parent run's artifacts and the registry are done and the parent
     run has ended; any failure on the way ends the parent run (KILLED for Ctrl-C, FAILED
-    otherwise) and leaves a manifest that ``--resume`` picks up.
+    otherwise) and leaves a manifest that ``--resume`` picks up. ``trial_function``: see
+    :func:`~orchestration.running.tune_run.fit_on_ray` (a benchmark's stand-in).
     """
     from orchestration.definition.search_space import describe_space
     from orchestration.tracking.retries import quiet_mlflow_output
@@ -89,7 +92,9 @@ def run_sweep(
         url = tracker.runs_table_url(sweep.tracking.ui_url, with_view=True)
         say(f"sweep {sweep_id}: MLflow parent run {parent_run_id}")
         say(f"MLflow runs table: {url or ui_hint(where, tracker)}")
-        results = fit_on_ray(sweep, where, sweep_id, parent_run_id, tracker, resuming, output)
+        results = fit_on_ray(
+            sweep, where, sweep_id, parent_run_id, tracker, resuming, output, trial_function
+        )
         rows = _finish(sweep, where, record, manifest, results, tracker)
     except KeyboardInterrupt:
         _end_parent(tracker, parent_run_id, "KILLED")
@@ -210,15 +215,18 @@ def _register_models(
         record.write_manifest(manifest)
 
 
-def _all_trials(results: Any, tracker: Any, sweep_id: str) -> list[dict[str, str]]:
-    from orchestration.tracking.tags import TAG_SWEEP_ID, TAG_TRIAL_ID
+def _all_trials(results: Any, tracker: Any, sweep_id: str) -> list[dict[str, str | None]]:
+    """Each trial's id and MLflow run id (None: it never opened one), from one search of
+    the sweep's trial runs rather than one per trial."""
+    from orchestration.tracking.tags import TAG_KIND, TAG_SWEEP_ID, TAG_TRIAL_ID
 
-    rows = []
-    for result in results:
-        trial_id = _trial_id_of(result)
-        runs = tracker.find_runs(**{TAG_SWEEP_ID: sweep_id, TAG_TRIAL_ID: trial_id})
-        rows.append({"trial_id": trial_id, "run_id": runs[0].info.run_id if runs else None})
-    return rows
+    run_of: dict[str | None, str] = {}
+    for run in tracker.find_runs(**{TAG_SWEEP_ID: sweep_id, TAG_KIND: "trial"}):
+        run_of.setdefault(run.data.tags.get(TAG_TRIAL_ID), run.info.run_id)  # newest first
+    return [
+        {"trial_id": trial_id, "run_id": run_of.get(trial_id)}
+        for trial_id in map(_trial_id_of, results)
+    ]
 
 
 def _trial_id_of(result: Any) -> str:

@@ -47,6 +47,9 @@ from orchestration.tracking.tags import (
 
 logger = logging.getLogger(__name__)
 
+SEARCH_PAGE_SIZE = 1000
+"""Runs per ``search_runs`` page; :meth:`Tracker.find_runs` reads every page."""
+
 
 def safe_params(params: Mapping[str, Any]) -> dict[str, str]:
     """Parameters as MLflow strings, dropping any whose name looks like a secret."""
@@ -119,13 +122,23 @@ class Tracker:
         """Runs of this experiment carrying every ``tag=value`` (keys as in ``TAG_*``);
         ``timeout``: how long to wait out an unreachable server (default :attr:`wait`)."""
         clauses = [f"tags.`{key}` = '{value}'" for key, value in tags.items()]
-        return self._retried(
-            lambda: self.client.search_runs(
-                [self.experiment_id], filter_string=" and ".join(clauses), max_results=1000
-            ),
-            "run search",
-            timeout,
-        )
+        runs: list[Any] = []
+        token = None
+        while True:  # every page: a sweep of more than one page of trials is not cut short
+            page = self._retried(
+                lambda token=token: self.client.search_runs(
+                    [self.experiment_id],
+                    filter_string=" and ".join(clauses),
+                    max_results=SEARCH_PAGE_SIZE,
+                    page_token=token,
+                ),
+                "run search",
+                timeout,
+            )
+            runs += list(page)
+            token = page.token
+            if not token:
+                return runs
 
     def find_trial_run(self, sweep_id: str, trial_id: str) -> Any | None:
         """The MLflow run of a sweep's trial, or None before its first start."""

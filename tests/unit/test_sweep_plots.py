@@ -66,3 +66,16 @@ def test_sweep_plots_writes_one_chart_per_searched_parameter(summaries, tmp_path
     for path in paths:
         with Image.open(path) as image:
             image.verify()
+
+
+def test_learning_curves_of_a_large_sweep_show_its_best_trials(summaries, monkeypatch):
+    """A thousand-trial sweep draws (and reads the history of) each dataset's best few."""
+    import orchestration.results.sweep_plots as sweep_plots_module
+
+    monkeypatch.setattr(sweep_plots_module, "CURVES_PER_DATASET", 2)
+    client, datasets = summaries
+    shapes, faces = learning_curves(client, datasets).axes
+    assert shapes.get_title() == "shapes (best 2 of 3)"
+    finals = sorted(line.get_ydata()[-1] for line in shapes.lines)
+    assert finals == pytest.approx([0.36, 0.42])  # the 0.30 trial is left out
+    assert faces.get_title() == "faces" and len(faces.lines) == 2  # two trials: both drawn
