@@ -79,7 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(lambda: run(args))
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace, *, trial_function: Any = None) -> None:
+    """The sweep ``args`` asks for (``trial_function``: a benchmark's stand-in for the
+    training, see :func:`~orchestration.running.tune_run.fit_on_ray`)."""
     sweep = load_sweep_config(args.config, args.overrides)
     check_dataset_folders(sweep, source=str(args.config))
     from orchestration.definition import dataset_scans as datasets
@@ -106,7 +108,7 @@ def run(args: argparse.Namespace) -> None:
             say(f"log: {log_path}" + ("" if args.verbose else " (Ray's and MLflow's output)"))
             leaderboard = run_sweep(
                 sweep, config_path=args.config, sweep_id=sweep_id, manifest=manifest,
-                output=output,
+                output=output, trial_function=trial_function,
             )  # fmt: skip
     failed = [row["dataset"] for row in leaderboard if row["status"] == "failed"]
     if failed:

@@ -8,6 +8,7 @@ import contextlib
 import os
 import signal
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from orchestration.definition.sweep_config import SweepConfig
@@ -28,9 +29,16 @@ def fit_on_ray(
     tracker: Any,
     resuming: bool,
     output: SweepOutput | None = None,
+    trial_function: Callable[[dict[str, Any], Any], None] | None = None,
 ) -> Any:
     """Every trial, on a Ray started (or joined) for the purpose; KeyboardInterrupt when
-    Ctrl-C stopped Tune."""
+    Ctrl-C stopped Tune.
+
+    ``trial_function``: what each trial runs instead of
+    :func:`~orchestration.running.trial.run_trial` (called with the Tune config and the
+    :class:`~orchestration.running.trial.SweepContext`). For ``benchmarks/sweep_scale.py``
+    only, which measures everything around the training with a stand-in for it.
+    """
     import ray
 
     verbose = output is None or output.verbose
@@ -40,7 +48,9 @@ def fit_on_ray(
     try:
         check_storage_reaches_every_node(sweep.storage, where.storage_root)
         with ctrl_c_watch() as interrupted:
-            results = _fit(sweep, where, sweep_id, parent_run_id, tracker, resuming, verbose)
+            results = _fit(
+                sweep, where, sweep_id, parent_run_id, tracker, resuming, verbose, trial_function
+            )
     finally:
         ray.shutdown()
     if interrupted():
@@ -94,6 +104,7 @@ def _fit(
     tracker: Any,
     resuming: bool,
     verbose: bool = True,
+    trial_function: Callable[[dict[str, Any], Any], None] | None = None,
 ) -> Any:
     import ray
     from ray import tune
@@ -121,7 +132,7 @@ def _fit(
     # The trial driver holds no CPU, so the Train workers can take all of them; Ray refuses
     # an empty request, hence a token amount of (logical) memory.
     trainable = tune.with_parameters(
-        tune.with_resources(run_trial, DRIVER_RESOURCES), context=context
+        tune.with_resources(trial_function or run_trial, DRIVER_RESOURCES), context=context
     )
     run_config = tune.RunConfig(
         name=sweep_id,
