@@ -169,27 +169,41 @@ def main(argv=None) -> int:
             step()
 
     times: dict[str, list[float]] = {name: [] for name in steps}
+    # A step's own memory: the peak during the step minus what was allocated just before it
+    # (both models' weights and optimizer states, the batch, the other model's gradients),
+    # so each model is measured as if it were alone on the device.
     peak_memory: dict[str, int] = dict.fromkeys(steps, 0)
     last_losses: dict[str, dict[str, float]] = {}
     for _ in range(args.repeats):
         for name, step in steps.items():  # alternate the two models
             if device.type == "cuda":
+                torch.cuda.synchronize()
+                before = torch.cuda.memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
             seconds, last_losses[name] = timed(step, device)
             times[name].append(seconds)
             if device.type == "cuda":
-                peak_memory[name] = max(peak_memory[name], torch.cuda.max_memory_allocated(device))
+                step_peak = torch.cuda.max_memory_allocated(device) - before
+                peak_memory[name] = max(peak_memory[name], step_peak)
 
     ratios = [a / f for a, f in zip(times["autoassign"], times["fcos"])]
     for name in steps:
         median = statistics.median(times[name])
         line = f"{name:>10}: median step {median * 1000:8.1f} ms  {args.batch / median:7.2f} img/s"
         if device.type == "cuda":
-            line += f"  peak memory {peak_memory[name] / 2**30:6.2f} GiB"
+            line += f"  step peak memory {peak_memory[name] / 2**30:6.2f} GiB"
         losses = ", ".join(f"{k}={v:.4g}" for k, v in last_losses[name].items())
         print(f"{line}  last losses: {losses}")
     print(f"step-time ratio autoassign/fcos per round: {[round(r, 3) for r in ratios]}")
     print(f"median ratio autoassign/fcos: {statistics.median(ratios):.3f} (target <= 1.0)")
+    images_per_second = {name: args.batch / statistics.median(times[name]) for name in steps}
+    summary = (
+        f"train_step: batch {args.batch} amp {args.amp} channels_last {args.channels_last}, "
+        f"img/s ratio {images_per_second['autoassign'] / images_per_second['fcos']:.2f}"
+    )
+    if device.type == "cuda":
+        summary += f", peak memory ratio {peak_memory['autoassign'] / peak_memory['fcos']:.2f}"
+    print(summary)
     return 0
 
 

@@ -1,0 +1,417 @@
+"""A sweep of many trials through the project's real machinery, against plain Ray Tune.
+
+    python benchmarks/sweep_scale.py --trials 1000 [--epochs 10] [--tracking sqlite postgres]
+
+Everything of the sweep runs as a user's sweep does (``orchestration.running.cli.run``: the
+config checks and dataset scans, the folder lock, the per-dataset schedulers and searcher,
+trial naming, the MLflow parent run and one child run per trial with all its params, the
+per-epoch metrics through the same metric buffer, the run closing callback, the terminal's
+lines, the leaderboard, ``compare.md``, the plots) except the training: each trial runs
+:func:`stand_in_trial`, which opens its MLflow run as a real trial does and then reports E
+epochs of made-up metrics with a short sleep (``--epoch-seconds``). The peer is plain Ray
+Tune running the same sleep-and-report loop, the same number of trials at a time, with no
+tracking at all. The registry is off (a stand-in trial has no weights to register); the
+scheduler is FIFO in both, so both do the same work.
+
+Tracking goes to a real ``mlflow server`` on PostgreSQL (started here, on 127.0.0.1, as the
+integration tests start it; needs PostgreSQL 15's binaries) and to the embedded default, a
+SQLite file. Each measured run is a fresh process, so its peak memory is its own.
+
+Printed per tracking store: both wall times and their ratio, the overhead per trial, the
+driver's peak memory, how long the sweep's end took (leaderboard, compare.md, plots) and
+``python -m orchestration.compare`` on the result. Last line, for the last store measured:
+``sweep_scale: N trials, project P s, tune T s, ratio R, end E s, compare C s``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+POSTGRES_BIN = Path("/usr/lib/postgresql/15/bin")
+FORMATS = ("coco", "voc", "objects365", "widerface")
+
+
+# ---- what each trial runs ---------------------------------------------------------------------
+
+
+def made_up_epoch(trial_seed: str, epoch: int, epochs: int) -> dict[str, float]:
+    """One epoch's losses and metrics, the same for the same trial and epoch: a loss that
+    falls and a ranking metric that rises towards the trial's own ceiling."""
+    ceiling = random.Random(trial_seed).uniform(0.2, 0.6)
+    progress = epoch / epochs
+    return {"loss": 2.0 / (1 + 3 * progress), "metric": ceiling * progress}
+
+
+def stand_in_trial(tune_config: dict[str, Any], context: Any) -> None:
+    """What a trial runs here instead of Ray Train: the trial's real MLflow run (opened as
+    :func:`orchestration.running.trial.run_trial` opens it, with every param), ``epochs``
+    reports of made-up metrics logged through the real metric buffer, the run's end."""
+    import ray.tune
+
+    from orchestration.definition.sweep_config import KNOWN_METRICS
+    from orchestration.definition.trial_experiments import trial_experiment
+    from orchestration.definition.trial_names import DATASET_KEY, trial_params
+    from orchestration.running.trial import open_trial_run
+    from orchestration.tracking.metric_buffer import MetricBuffer
+
+    sweep = context.sweep_config()
+    dataset = sweep.dataset(tune_config[DATASET_KEY])
+    params = trial_params(tune_config)
+    trial_id = ray.tune.get_context().get_trial_id()
+    experiment = trial_experiment(sweep, dataset, params, output_dir=Path(context.work_dir))
+    tracker, run_id = open_trial_run(
+        context, sweep, trial_id=trial_id, dataset=dataset, params=params, experiment=experiment
+    )
+    buffer = MetricBuffer(tracker.client, run_id)
+    epochs = experiment.train.resolved_schedule()[0]
+    pause = float(os.environ["SWEEP_SCALE_EPOCH_S"])
+    for epoch in range(1, epochs + 1):
+        time.sleep(pause)
+        made_up = made_up_epoch(json.dumps(params, sort_keys=True), epoch, epochs)
+        metrics = {name: made_up["metric"] for name in KNOWN_METRICS[dataset.format]}
+        step = epoch * 100
+        buffer.add(
+            {
+                "train/loss": made_up["loss"],
+                "lr": experiment.train.lr,
+                "epoch/train_loss": made_up["loss"],
+                "epoch": float(epoch),
+                **metrics,
+            },
+            step=step,
+        )
+        buffer.flush()
+        ray.tune.report(
+            {
+                "epoch": epoch,
+                "iteration": step,
+                "train/loss": made_up["loss"],
+                "score": metrics[dataset.ranking_metric],
+                **metrics,
+            }
+        )
+    buffer.close(timeout=60)
+    tracker.end_run(run_id, "FINISHED")
+
+
+def plain_tune_trial(config: dict[str, Any]) -> None:
+    """The peer's trial: the same sleeps and reports, nothing tracked."""
+    import ray.tune
+
+    pause = float(os.environ["SWEEP_SCALE_EPOCH_S"])
+    epochs = config["epochs"]
+    for epoch in range(1, epochs + 1):
+        time.sleep(pause)
+        made_up = made_up_epoch(json.dumps(config, sort_keys=True), epoch, epochs)
+        ray.tune.report({"epoch": epoch, "train/loss": made_up["loss"], "score": made_up["metric"]})
+
+
+# ---- one measured run (a child process) -------------------------------------------------------
+
+
+def sweep_file(folder: Path, trials: int, epochs: int, concurrent: int, tracking_uri: str) -> Path:
+    import yaml
+
+    per_dataset = max(1, trials // len(FORMATS))
+    datasets = []
+    for format_ in FORMATS:
+        entry: dict[str, Any] = {
+            "name": f"{format_}-synthetic",
+            "format": format_,
+            "root": str(folder / "data" / format_),
+            "num_classes": 2 if format_ != "voc" else 20,
+            "synthetic": {"images": 4, "image_size": 64},
+        }
+        if format_ in ("coco", "objects365"):
+            entry["synthetic"]["num_classes"] = 2
+        if format_ == "widerface":
+            entry["num_classes"] = entry["synthetic"]["num_classes"] = 1
+        datasets.append(entry)
+    config = {
+        "name": "sweep-scale",
+        "base": {
+            "model": {"backbone": {"depth": 18, "weights": None}},
+            "train": {"lr": 0.01, "schedule": None, "epochs": epochs, "milestones": [epochs]},
+            "eval": {"every_epochs": 1},
+            "device": "cpu",
+        },
+        "datasets": datasets,
+        "search_space": {
+            "train.lr": {"loguniform": [1.0e-4, 1.0e-1]},
+            "model.center_prior.sigma_init": {"uniform": [0.5, 2.0]},
+        },
+        "search": {
+            "algorithm": "random",
+            "num_samples": per_dataset,
+            "max_concurrent_trials": concurrent,
+            "scheduler": {"type": "fifo"},
+        },
+        "tracking": {"uri": tracking_uri, "register_models": False},
+        "storage": {"path": str(folder / "ray")},
+        "output_dir": str(folder / "sweep"),
+    }
+    path = folder / "sweep_scale.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def measure_project(folder: Path, trials: int, epochs: int, concurrent: int, uri: str) -> dict:
+    """The project's sweep with :func:`stand_in_trial`, timed, in this process."""
+    from orchestration.running import cli, sweep_run
+
+    finish = sweep_run._finish
+    timings: dict[str, float] = {}
+
+    def timed_finish(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return finish(*args, **kwargs)
+        finally:
+            timings["end_s"] = time.perf_counter() - started
+
+    sweep_run._finish = timed_finish  # the sweep's end: leaderboard, compare.md, plots
+    config = sweep_file(folder, trials, epochs, concurrent, uri)
+    args = cli.parse_args([str(config)])
+    started = time.perf_counter()
+    cli.run(args, trial_function=stand_in_trial)
+    wall = time.perf_counter() - started
+    leaderboard = json.loads((folder / "sweep" / "leaderboard.json").read_text())
+    return {
+        "wall_s": wall,
+        "end_s": timings.get("end_s", float("nan")),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "trials_on_leaderboard": sum(row["trials"] for row in leaderboard),
+    }
+
+
+def measure_tune(trials: int, epochs: int, concurrent: int) -> dict:
+    """Plain Ray Tune: the same trials, at the same concurrency, nothing tracked."""
+    import ray
+    from ray import tune
+
+    per_dataset = max(1, trials // len(FORMATS))
+    started = time.perf_counter()
+    ray.init(include_dashboard=False, log_to_driver=False)
+    try:
+        tuner = tune.Tuner(
+            tune.with_resources(plain_tune_trial, {"cpu": 0, "memory": 1}),
+            param_space={
+                "dataset": tune.grid_search(list(FORMATS)),
+                "lr": tune.loguniform(1.0e-4, 1.0e-1),
+                "sigma_init": tune.uniform(0.5, 2.0),
+                "epochs": epochs,
+            },
+            tune_config=tune.TuneConfig(
+                metric="score",
+                mode="max",
+                num_samples=per_dataset,
+                max_concurrent_trials=concurrent,
+            ),
+            run_config=tune.RunConfig(
+                storage_path=tempfile.mkdtemp(prefix="sweep-scale-tune-"), verbose=0
+            ),
+        )
+        results = tuner.fit()
+    finally:
+        ray.shutdown()
+    return {
+        "wall_s": time.perf_counter() - started,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "trials": len(results),
+    }
+
+
+def child(argv: list[str]) -> None:
+    """``--child project|tune``: one measurement, printed as the last line in JSON."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--child", choices=("project", "tune"))
+    parser.add_argument("--folder", type=Path)
+    parser.add_argument("--uri")
+    parser.add_argument("--trials", type=int)
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--concurrent", type=int)
+    args = parser.parse_args(argv)
+    if args.child == "project":
+        result = measure_project(args.folder, args.trials, args.epochs, args.concurrent, args.uri)
+    else:
+        result = measure_tune(args.trials, args.epochs, args.concurrent)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_child(kind: str, log: Path, **options: Any) -> dict:
+    command = [sys.executable, __file__, "--child", kind]
+    for key, value in options.items():
+        command += [f"--{key}", str(value)]
+    with log.open("w") as handle:
+        done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
+    lines = log.read_text(errors="replace").splitlines()
+    results = [line[len("RESULT ") :] for line in lines if line.startswith("RESULT ")]
+    if done.returncode != 0 or not results:
+        tail = "\n".join(lines[-30:])
+        raise SystemExit(f"sweep_scale: the {kind} run failed (exit {done.returncode}):\n{tail}")
+    return json.loads(results[-1])
+
+
+# ---- tracking servers ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def as_postgres_user(command: list[str]) -> list[str]:
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+
+class PostgresMlflow:
+    """A throwaway PostgreSQL cluster and an ``mlflow server`` on it, both on 127.0.0.1."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.pg_folder = Path(tempfile.mkdtemp(prefix="sweep-scale-pg-"))
+        self.server: subprocess.Popen | None = None
+
+    def __enter__(self) -> str:
+        if os.geteuid() == 0:
+            shutil.chown(self.pg_folder, "postgres", "postgres")
+        data, port = self.pg_folder / "data", free_port()
+
+        def run(command: list[str]) -> None:
+            subprocess.run(as_postgres_user(command), check=True, capture_output=True, timeout=120)
+
+        run([str(POSTGRES_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"])
+        run([str(POSTGRES_BIN / "pg_ctl"), "-D", str(data), "-o",
+             f"-p {port} -h 127.0.0.1 -k {self.pg_folder}", "-l",
+             str(self.pg_folder / "server.log"), "-w", "start"])  # fmt: skip
+        run([str(POSTGRES_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U",
+             "postgres", "mlflow"])  # fmt: skip
+        self.data = data
+        http_port = free_port()
+        mlflow = Path(sys.executable).with_name("mlflow")
+        log = (self.folder / "mlflow-server.log").open("w")
+        self.server = subprocess.Popen(
+            [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(http_port),
+             "--workers", "2",
+             "--backend-store-uri", f"postgresql://postgres@127.0.0.1:{port}/mlflow",
+             "--artifacts-destination", str(self.folder / "mlflow-artifacts")],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        uri = f"http://127.0.0.1:{http_port}"
+        deadline = time.monotonic() + 180
+        import urllib.request
+
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=5).close()
+                return uri
+            except OSError:
+                if time.monotonic() > deadline or self.server.poll() is not None:
+                    message = "sweep_scale: mlflow server on PostgreSQL did not start"
+                    raise SystemExit(message) from None
+                time.sleep(0.5)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.server is not None:
+            os.killpg(self.server.pid, signal.SIGTERM)
+            self.server.wait(timeout=60)
+        subprocess.run(
+            as_postgres_user([str(POSTGRES_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast",
+                              "stop"]),
+            capture_output=True, timeout=120,
+        )  # fmt: skip
+        shutil.rmtree(self.pg_folder, ignore_errors=True)
+
+
+# ---- the benchmark ------------------------------------------------------------------------------
+
+
+def compare_seconds(uri: str, folder: Path) -> float:
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "orchestration.compare", "sweep-scale", "--tracking-uri", uri],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    elapsed = time.perf_counter() - started
+    (folder / "compare.txt").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise SystemExit(f"sweep_scale: orchestration.compare failed:\n{done.stderr[-2000:]}")
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", type=int, default=1000, help="in all, over 4 datasets")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epoch-seconds", type=float, default=0.1)
+    parser.add_argument("--concurrent", type=int, default=8, help="trials at a time")
+    parser.add_argument("--tracking", nargs="+", choices=("sqlite", "postgres"),
+                        default=["sqlite", "postgres"])  # fmt: skip
+    parser.add_argument("--keep", type=Path, help="keep the runs' files in this folder")
+    args = parser.parse_args()
+    os.environ["SWEEP_SCALE_EPOCH_S"] = str(args.epoch_seconds)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if "postgres" in args.tracking and not (POSTGRES_BIN / "initdb").exists():
+        raise SystemExit(f"sweep_scale: --tracking postgres needs {POSTGRES_BIN}/initdb")
+    top = args.keep or Path(tempfile.mkdtemp(prefix="sweep-scale-"))
+    top.mkdir(parents=True, exist_ok=True)
+    options = {"trials": args.trials, "epochs": args.epochs, "concurrent": args.concurrent}
+    print(
+        f"{args.trials} trials ({args.trials // len(FORMATS)} per dataset x {len(FORMATS)}), "
+        f"{args.epochs} epochs of {args.epoch_seconds} s, {args.concurrent} at a time; "
+        f"files under {top}",
+        flush=True,
+    )
+    tune = run_child("tune", top / "tune.log", **options)
+    trials = tune["trials"]
+    print(f"plain Ray Tune: {tune['wall_s']:.1f} s, driver peak {tune['peak_rss_mb']:.0f} MB")
+    summary = ""
+    for store in args.tracking:
+        folder = top / store
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        if store == "sqlite":
+            uri = f"sqlite:///{folder / 'mlflow.db'}"
+            ours = run_child("project", folder / "sweep.log", folder=folder, uri=uri, **options)
+            compare = compare_seconds(uri, folder)
+        else:
+            with PostgresMlflow(folder) as uri:
+                ours = run_child("project", folder / "sweep.log", folder=folder, uri=uri,
+                                 **options)  # fmt: skip
+                compare = compare_seconds(uri, folder)
+        ratio = ours["wall_s"] / tune["wall_s"]
+        per_trial = (ours["wall_s"] - tune["wall_s"]) / trials
+        print(
+            f"project ({store}): {ours['wall_s']:.1f} s, ratio {ratio:.2f}, "
+            f"{per_trial * 1000:+.0f} ms per trial, driver peak {ours['peak_rss_mb']:.0f} MB, "
+            f"sweep end {ours['end_s']:.1f} s, compare {compare:.1f} s, "
+            f"{ours['trials_on_leaderboard']} trials on the leaderboard"
+        )
+        summary = (
+            f"sweep_scale: {trials} trials, project {ours['wall_s']:.1f} s, tune "
+            f"{tune['wall_s']:.1f} s, ratio {ratio:.2f}, end {ours['end_s']:.1f} s, "
+            f"compare {compare:.1f} s"
+        )
+    print(summary)
+
+
+if __name__ == "__main__":
+    if "--child" in sys.argv:
+        child(sys.argv[1:])
+    else:
+        main()
