@@ -218,10 +218,14 @@ class ProgressLogger(Callback):
 class MetricsFileWriter(Callback):
     """Appends JSON lines to ``metrics.jsonl`` on rank 0.
 
+    ``{"type": "start", "epoch", "iteration"}`` when training starts (again after a resume),
     ``{"type": "train", "epoch", "iteration", "lr", "seconds_per_iter", "skipped_steps",
     <loss means over the interval>}`` every ``log_every_iters`` steps, and
-    ``{"type": "eval", "epoch", "iteration", <metrics>}`` after each evaluated epoch
-    (``epoch`` there is the number of epochs completed).
+    ``{"type": "eval", "epoch", "iteration", "eval_and_checkpoint_seconds", <metrics>}`` after
+    each evaluated epoch (``epoch`` there is the number of epochs completed;
+    ``eval_and_checkpoint_seconds`` the wall time from the epoch's last step to the record).
+    Every record has ``"time"``: when it was written, in seconds since the Unix epoch, so a
+    run's setup, training and evaluation time can be read from the file.
     """
 
     def __init__(self, path: str | Path, *, log_every_iters: int):
@@ -234,6 +238,7 @@ class MetricsFileWriter(Callback):
         self.timer.reset()
         if state.is_main_process:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._append({"type": "start", "epoch": state.epoch + 1, "iteration": state.iteration})
 
     def on_step(self, state: TrainState, losses: dict[str, float]) -> None:
         self.timer.tick()
@@ -252,12 +257,19 @@ class MetricsFileWriter(Callback):
                 self._append(record)
 
     def on_epoch_end(self, state: TrainState, metrics: dict[str, float]) -> None:
-        self.timer.last = time.perf_counter()
+        now = time.perf_counter()
+        since_last_step, self.timer.last = now - self.timer.last, now
         if state.is_main_process and metrics:
-            record = {"type": "eval", "epoch": state.epoch + 1, "iteration": state.iteration}
+            record = {
+                "type": "eval",
+                "epoch": state.epoch + 1,
+                "iteration": state.iteration,
+                "eval_and_checkpoint_seconds": round(since_last_step, 3),
+            }
             self._append({**record, **metrics})
 
     def _append(self, record: dict) -> None:
+        record = {**record, "time": round(time.time(), 3)}
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(json_safe(record)) + "\n")
 

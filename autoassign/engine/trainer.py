@@ -16,7 +16,8 @@ the run stops early or fails (``state.status`` says which). Files under ``output
 
     config.yaml            the resolved config
     dataset_scan.json      the record of a passed dataset scan, reused by later fits
-    metrics.jsonl          train losses every ``log_every_iters`` steps, eval metrics per epoch
+    metrics.jsonl          train losses every ``log_every_iters`` steps, eval metrics per epoch,
+                           each record with its wall time
     checkpoints/epoch_NNNN/checkpoint.pt    after NNNN completed epochs
     checkpoints/iter_NNNNNNNN/checkpoint.pt a run stopped mid-epoch
     checkpoints/last/checkpoint.pt          the latest checkpoint

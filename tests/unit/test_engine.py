@@ -419,15 +419,21 @@ def test_metrics_file_has_interval_means_and_eval_records(tmp_path):
     for iteration, loss in enumerate([4.0, 2.0, float("nan"), 1.0], start=1):
         state.iteration = iteration
         writer.on_step(state, {"loss": loss})
+    time.sleep(0.2)  # the evaluation
     writer.on_epoch_end(state, {"bbox_mAP": 0.25, "bbox_mAP_l": float("nan")})
     records = read_jsonl(path)
     assert [(r["type"], r["iteration"]) for r in records] == [
+        ("start", 0),
         ("train", 2),
         ("train", 4),
         ("eval", 4),
     ]
-    assert records[0]["loss"] == 3.0 and records[1]["loss"] == 1.0  # NaN steps left out
-    assert records[2]["bbox_mAP"] == 0.25 and records[2]["bbox_mAP_l"] is None
+    assert records[1]["loss"] == 3.0 and records[2]["loss"] == 1.0  # NaN steps left out
+    assert records[3]["bbox_mAP"] == 0.25 and records[3]["bbox_mAP_l"] is None
+    # Wall times: in order, and the time after the epoch's last step is the evaluation's.
+    times = [r["time"] for r in records]
+    assert times == sorted(times) and abs(times[0] - time.time()) < 60
+    assert 0.2 <= records[3]["eval_and_checkpoint_seconds"] < 0.2 + (times[3] - times[2]) + 0.01
 
 
 def test_max_iters_per_epoch_cuts_epochs_short(dataset_root, tmp_path):
