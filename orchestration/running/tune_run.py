@@ -81,6 +81,31 @@ def tracking_credentials() -> dict[str, str]:
     return {k: os.environ[k] for k in TRACKING_CREDENTIAL_VARIABLES if os.environ.get(k)}
 
 
+LOCAL_RAY_TRAIN_SETTINGS = {
+    # One machine is never drained or reclaimed: Ray Train's per-trial preemption watcher
+    # (an actor process of its own, polling every 5 s) has nothing to watch there.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # Ray Train's Prometheus metrics are for a dashboard the local Ray does not start.
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+    # The controller notices a worker group's start and end at its next poll (2 s by
+    # default); at 0.5 s a trial of the demo starts and ends about 2 s sooner each side.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+}
+"""Ray Train's switches for the Ray a sweep starts on its own machine (its embedded default),
+measured with ``benchmarks/sweep_overhead.py``. A value set in the environment wins; a sweep
+that joins a cluster leaves the cluster's settings alone."""
+
+
+def apply_local_ray_train_settings(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Put :data:`LOCAL_RAY_TRAIN_SETTINGS` into ``environ`` (``os.environ`` by default)
+    where it has no value of its own, before ``ray.init`` starts the processes that read
+    them; returns the settings in force."""
+    environ = os.environ if environ is None else environ
+    for name, value in LOCAL_RAY_TRAIN_SETTINGS.items():
+        environ.setdefault(name, value)
+    return {name: environ[name] for name in LOCAL_RAY_TRAIN_SETTINGS}
+
+
 def _init_ray(where: Locations, *, configure_logging: bool = True) -> None:
     """Start or join Ray; ``configure_logging=False`` leaves Ray's driver logger without a
     terminal handler of its own (its records then reach the sweep's log file)."""
@@ -93,6 +118,7 @@ def _init_ray(where: Locations, *, configure_logging: bool = True) -> None:
             options["runtime_env"] = {"env_vars": credentials}
         ray.init(address=where.ray_address, **options)
     else:
+        apply_local_ray_train_settings()
         ray.init(include_dashboard=False, **options)
 
 

@@ -1,0 +1,36 @@
+"""Ray Train's switches for the Ray a sweep starts on its own machine."""
+
+from __future__ import annotations
+
+from orchestration.running.tune_run import LOCAL_RAY_TRAIN_SETTINGS, apply_local_ray_train_settings
+
+
+def test_a_local_ray_runs_train_without_preemption_watcher_or_metrics_and_polls_faster():
+    environ: dict[str, str] = {}
+    settings = apply_local_ray_train_settings(environ)
+    assert (
+        environ
+        == settings
+        == {
+            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+            "RAY_TRAIN_METRICS_ENABLED": "0",
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+        }
+    )
+
+
+def test_a_value_the_user_set_wins():
+    environ = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2.0", "PATH": "/bin"}
+    settings = apply_local_ray_train_settings(environ)
+    assert settings["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "2.0"
+    assert environ["PATH"] == "/bin"
+    assert set(settings) == set(LOCAL_RAY_TRAIN_SETTINGS)
+
+
+def test_ray_train_reads_each_switch_by_the_name_used_here():
+    """The names are Ray Train's own: a rename in Ray would silently turn a switch off."""
+    from ray.train.v2._internal import constants
+
+    assert constants.ENABLE_PREEMPTION_WATCHER_ENV_VAR in LOCAL_RAY_TRAIN_SETTINGS
+    assert constants.METRICS_ENABLED_ENV_VAR in LOCAL_RAY_TRAIN_SETTINGS
+    assert constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR in LOCAL_RAY_TRAIN_SETTINGS
