@@ -43,8 +43,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
+
+if TYPE_CHECKING:
+    from orchestration.definition.sweep_config import SweepConfig
+    from orchestration.running.locations import Locations
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("setup", "training", "eval + checkpoint", "end")
@@ -106,20 +111,16 @@ def prepare_sweep_file(config: Path, datasets: list[str] | None, folder: Path) -
     return copy
 
 
-def write_datasets(sweep_file: Path, overrides: list[str]) -> None:
-    from orchestration.definition.config_loading import load_sweep_config
+def write_datasets(sweep: SweepConfig) -> None:
     from orchestration.definition.dataset_scans import write_synthetic_if_missing
 
-    for dataset in load_sweep_config(sweep_file, overrides).datasets:
+    for dataset in sweep.datasets:
         write_synthetic_if_missing(dataset)
 
 
-def run_sweep(
-    sweep_file: Path, overrides: list[str], output: Path, log: Path
-) -> tuple[float, float]:
+def run_sweep(sweep_file: Path, overrides: list[str], log: Path) -> tuple[float, float]:
     """Run the sweep to its end; its launch and exit times."""
     command = [sys.executable, "-m", "orchestration.sweep", str(sweep_file), *overrides]
-    command.append(f"output_dir={output}")
     print(f"sweep: {' '.join(command[1:])} (terminal output in {log})", flush=True)
     started = time.time()
     with log.open("w", encoding="utf-8") as handle:
@@ -130,21 +131,21 @@ def run_sweep(
     return started, ended
 
 
-def sweep_trials(output: Path, name: str) -> list[TrialTime]:
+def sweep_trials(where: Locations) -> list[TrialTime]:
     """Each trial's times: its MLflow run's start and end, its rank 0's metrics.jsonl."""
     from mlflow.tracking import MlflowClient
 
     from orchestration.tracking.tags import TAG_KIND, TAG_METRIC, TAG_TRIAL_ID
 
-    client = MlflowClient(f"sqlite:///{output / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name(name)
+    client = MlflowClient(where.tracking_uri)
+    experiment = client.get_experiment_by_name(where.experiment)
     runs = client.search_runs(
         [experiment.experiment_id], filter_string=f"tags.`{TAG_KIND}` = 'trial'", max_results=1000
     )
     trials = []
     for run in runs:
         trial_id = run.data.tags[TAG_TRIAL_ID]
-        records = read_records(output / "trials" / trial_id / "metrics.jsonl")
+        records = read_records(where.output_dir / "trials" / trial_id / "metrics.jsonl")
         trial = split_time(
             trial_id,
             run.info.start_time / 1000,
@@ -218,25 +219,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from orchestration.definition.config_loading import load_sweep_config
+    from orchestration.running.locations import resolve_locations
 
     config = args.config.resolve()
     with tempfile.TemporaryDirectory() as temporary:
         folder = args.keep.resolve() if args.keep else Path(temporary)
         folder.mkdir(parents=True, exist_ok=True)
         sweep_file = prepare_sweep_file(config, args.datasets, folder)
-        sweep = load_sweep_config(sweep_file, args.overrides)
-        write_datasets(sweep_file, args.overrides)
-        sweep_output = folder / "sweep"
+        overrides = [*args.overrides, f"output_dir={folder / 'sweep'}"]
+        sweep = load_sweep_config(sweep_file, overrides)
+        where = resolve_locations(sweep)  # as the sweep's own process finds them
+        write_datasets(sweep)
 
-        launched, exited = run_sweep(sweep_file, args.overrides, sweep_output, folder / "sweep.txt")
+        launched, exited = run_sweep(sweep_file, overrides, folder / "sweep.txt")
         sweep_seconds = exited - launched
-        trials = sweep_trials(sweep_output, sweep.tracking.experiment or sweep.name)
+        trials = sweep_trials(where)
         at_once = most_at_once(trials)
         threads = max(1, int(sweep.resources.cpus_per_worker))
         print(f"sweep: {len(trials)} trials, at most {at_once} at once, {sweep_seconds:.1f} s")
 
         library, library_seconds = run_all_library(
-            trials, sweep_output, folder / "library", at_once=at_once, threads=threads
+            trials, where.output_dir, folder / "library", at_once=at_once, threads=threads
         )
         print(f"library: {len(library)} runs, {at_once} at a time, {library_seconds:.1f} s")
 
