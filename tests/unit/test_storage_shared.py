@@ -35,9 +35,13 @@ def test_a_local_folder_on_a_cluster_is_refused_naming_the_field_and_the_fixes()
 
 
 def test_the_default_folder_is_named_as_the_default():
-    problem = storage_problem("/home/user/project/runs/demo/ray", shared=False, configured=False, nodes=2)
+    problem = storage_problem(
+        "/home/user/project/runs/demo/ray", shared=False, configured=False, nodes=2
+    )
     assert problem is not None
-    assert problem.startswith("storage.path is not set, so checkpoints would go to /home/user/project/runs")
+    assert problem.startswith(
+        "storage.path is not set, so checkpoints would go to /home/user/project/runs"
+    )
     assert "the cluster has 2 nodes" in problem
 
 
