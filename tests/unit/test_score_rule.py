@@ -1,11 +1,9 @@
 """A score only after an evaluation, and early stopping only on evaluated epochs.
 
-An epoch the trainer does not evaluate reports no ``score`` (orchestration.running.worker), ASHA
-never
-decides on such a result (orchestration.definition.schedulers), and a sweep whose ASHA rungs fall
-on
-epochs without an evaluation is refused before Ray starts (orchestration.definition.sweep_config),
-naming
+An epoch the trainer does not evaluate reports no ``score``
+(orchestration.running.worker), ASHA never decides on such a result
+(orchestration.definition.schedulers), and a sweep whose ASHA rungs fall on epochs without an
+evaluation is refused before Ray starts (orchestration.definition.sweep_config), naming
 ``search.scheduler.grace_period`` and ``eval.every_epochs``. The refusal goes through the
 real sweep CLI; the scheduler is Ray's own, driven with Tune's own ``Trial`` objects, which
 need no Ray cluster.
