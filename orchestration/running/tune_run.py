@@ -1,6 +1,6 @@
 """Every trial of a sweep in one Ray Tune ``Tuner`` on a Ray started or joined for it:
 the trainable and its resources, the search algorithm and per-dataset schedulers, the
-driver's callbacks, restoring a sweep for ``--resume``, and Ctrl-C."""
+driver's callbacks, restoring a sweep for ``--resume``, Ctrl-C and SIGTERM."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from orchestration.definition.sweep_config import SweepConfig
 from orchestration.running.locations import Locations
 from orchestration.running.storage import check_storage_reaches_every_node
 from orchestration.running.sweep_output import SweepOutput, say
+from orchestration.running.termination import released_on_sigterm
 
 DRIVER_RESOURCES = {"cpu": 0, "memory": 1}
 
@@ -47,7 +48,7 @@ def fit_on_ray(
         output.route_ray_processes()
     try:
         check_storage_reaches_every_node(sweep.storage, where.storage_root)
-        with ctrl_c_watch() as interrupted:
+        with released_on_sigterm(), ctrl_c_watch() as interrupted:
             results = _fit(
                 sweep, where, sweep_id, parent_run_id, tracker, resuming, verbose, trial_function
             )

@@ -1,0 +1,76 @@
+"""A sweep told to stop (SIGTERM) hands back what its trials reserved on the Ray cluster.
+
+``ray job stop``, the Jobs API, ``docker stop`` and a batch system all stop a sweep with
+SIGTERM (Ray's job supervisor follows with SIGKILL 3 s later). The driver then dies at
+once, and its trials' Tune actors, Train controllers and workers with it; but a placement
+group that a Train controller had reserved for its worker group can outlive them: seen on
+Ray 2.60 with a job stopped while its one trial's worker was starting, its one-CPU group
+stayed CREATED after the job was STOPPED, and the next two-worker sweep on the two-CPU
+cluster never got its workers. So on SIGTERM the driver removes every placement group of
+its own Ray job first, then goes on as it would have (``ray.init``'s handler exits).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+LIVE_STATES = ("PENDING", "PREPARED", "CREATED", "RESCHEDULING")
+
+
+def created_by_job(placement_group_id: str, job_id: str) -> bool:
+    """Whether a placement group (hex id) was created in the Ray job ``job_id`` (hex).
+
+    Ray's ids carry their job: a placement group id is its unique bytes followed by the
+    4-byte id of the job that created it (Ray's id specification; ``PlacementGroupID.of``).
+    """
+    return len(placement_group_id) > len(job_id) and placement_group_id.endswith(job_id)
+
+
+def release_placement_groups(ray: Any) -> list[str]:
+    """Remove every live placement group of this driver's Ray job; returns their ids."""
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    job_id = ray.get_runtime_context().get_job_id()
+    removed = []
+    for group_id, group in ray.util.placement_group_table().items():
+        if group["state"] in LIVE_STATES and created_by_job(group_id, job_id):
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group_id)))
+            removed.append(group_id)
+    return removed
+
+
+@contextlib.contextmanager
+def released_on_sigterm() -> Iterator[None]:
+    """Within the block, SIGTERM first releases the job's placement groups (see the module
+    docstring), then calls the handler it replaced (or ends the process by the signal)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals reach the main thread only
+        return
+
+    def handler(signum, frame):
+        import ray
+
+        try:
+            removed = release_placement_groups(ray)
+            logger.warning("stopped: released %d placement group(s) of the sweep", len(removed))
+        except Exception as error:  # dying anyway: say why nothing was released
+            logger.warning("stopped: could not release the sweep's placement groups: %s", error)
+        if callable(previous):  # ray.init's own: sys.exit(SIGTERM), unwinding the sweep
+            previous(signum, frame)
+        else:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
