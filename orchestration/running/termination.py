@@ -7,7 +7,11 @@ group that a Train controller had reserved for its worker group can outlive them
 Ray 2.60 with a job stopped while its one trial's worker was starting, its one-CPU group
 stayed CREATED after the job was STOPPED, and the next two-worker sweep on the two-CPU
 cluster never got its workers. So on SIGTERM the driver removes every placement group of
-its own Ray job first, then goes on as it would have (``ray.init``'s handler exits).
+its own Ray job, and keeps removing the ones its trials' controllers create again until the
+process is gone, while it goes on as it would have (``ray.init``'s handler exits). This
+narrows the window; it cannot close it: a controller that outlives the driver by a moment
+can still reserve a group that nothing removes (Ray's own clean-up of a dead job's groups
+did not, in the case above).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -47,6 +52,16 @@ def release_placement_groups(ray: Any) -> list[str]:
     return removed
 
 
+def keep_releasing(ray: Any, every_s: float = 0.05) -> None:
+    """Release the job's placement groups every ``every_s`` seconds until Ray is gone."""
+    while True:
+        time.sleep(every_s)
+        try:
+            release_placement_groups(ray)
+        except Exception:  # Ray shut down, or the process is ending
+            return
+
+
 @contextlib.contextmanager
 def released_on_sigterm() -> Iterator[None]:
     """Within the block, SIGTERM first releases the job's placement groups (see the module
@@ -63,6 +78,10 @@ def released_on_sigterm() -> Iterator[None]:
             logger.warning("stopped: released %d placement group(s) of the sweep", len(removed))
         except Exception as error:  # dying anyway: say why nothing was released
             logger.warning("stopped: could not release the sweep's placement groups: %s", error)
+        else:
+            # A Train controller whose group was removed starts its worker group again at
+            # once (seen within 0.2 s); keep releasing until this process is gone.
+            threading.Thread(target=keep_releasing, args=(ray,), daemon=True).start()
         if callable(previous):  # ray.init's own: sys.exit(SIGTERM), unwinding the sweep
             previous(signum, frame)
         else:
