@@ -37,9 +37,9 @@ import ray
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 ray.init(address=sys.argv[1])
-jobs = set(sys.argv[2:])
+running = set(sys.argv[2:]) | {ray.get_runtime_context().get_job_id()}
 for group_id, group in ray.util.placement_group_table().items():
-    if group["state"] != "REMOVED" and group_id[-len("04000000"):] in jobs:
+    if group["state"] != "REMOVED" and group_id[-len("04000000"):] not in running:
         remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group_id)))
         print(group_id)
 """
@@ -47,22 +47,22 @@ for group_id, group in ray.util.placement_group_table().items():
 
 @pytest.fixture(scope="module", autouse=True)
 def cluster_left_whole(ray_cluster):
-    """After this module's tests, which stop sweep jobs mid-trial, remove any placement group
-    the stopped jobs still hold. Ray 2.60 was seen to keep a stopped job's Train worker group
-    reserved after the job had ended (orchestration/running/termination.py narrows that
-    window from the sweep's side but cannot close it); the tests after this module share the
-    two-CPU cluster and their two-worker trials need both CPUs."""
+    """After this module's tests, which stop sweep jobs mid-trial, remove every placement
+    group that no running job holds. Ray 2.60 was seen to keep a stopped job's Train worker
+    group reserved after the job had ended (orchestration/running/termination.py narrows
+    that window from the sweep's side but cannot close it), and the Jobs API may not even
+    name that job's driver; the tests after this module share the two-CPU cluster and their
+    two-worker trials need both CPUs."""
     yield
-    client = client_for(ray_cluster)
-    ended = [
+    running = [
         job.driver_info.id
-        for job in client.list_jobs()
-        if job.status.value in TERMINAL_STATUSES and job.driver_info is not None
+        for job in client_for(ray_cluster).list_jobs()
+        if job.status.value not in TERMINAL_STATUSES and job.driver_info is not None
     ]
     env = {**os.environ, **ray_cluster.env, "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     removed = subprocess.run(
-        [str(ray_cluster.python), "-c", LEFTOVER_GROUPS, ray_cluster.address, *ended],
+        [str(ray_cluster.python), "-c", LEFTOVER_GROUPS, ray_cluster.address, *running],
         env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert removed.returncode == 0, removed.stderr[-3000:]
