@@ -40,9 +40,12 @@ package registers :func:`resolve_model_uri` for the ``models`` scheme
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
+import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -404,27 +407,67 @@ def download(client: Any, reference: str, destination: Path) -> Path:
     return checkpoint
 
 
-def download_to_temp(reference: str, tracking_uri: str | None = None) -> Path:
-    """The version's checkpoint file, downloaded to a new temporary folder (the registry at
-    ``tracking_uri``, default ``MLFLOW_TRACKING_URI``)."""
+def cache_root() -> Path:
+    """Where :func:`resolve_model_uri` keeps downloaded versions: ``AUTOASSIGN_CACHE_DIR``,
+    else ``$XDG_CACHE_HOME/autoassign``, else ``~/.cache/autoassign``."""
+    if os.environ.get("AUTOASSIGN_CACHE_DIR"):
+        return Path(os.environ["AUTOASSIGN_CACHE_DIR"])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "autoassign"
+
+
+def download_cached(reference: str, tracking_uri: str | None = None) -> Path:
+    """The version's checkpoint file, downloaded once per registered version.
+
+    A version's files never change once registered, so each version is kept under
+    :func:`cache_root` and read from there the next time; an alias is resolved
+    to its version on every call (it moves). Two processes downloading the same version at
+    once each stage a folder and the first rename wins.
+    """
     from mlflow.tracking import MlflowClient
 
-    folder = Path(tempfile.mkdtemp(prefix="autoassign-model-"))
-    return download(MlflowClient(tracking_uri), reference, folder)
+    client = MlflowClient(tracking_uri)
+    version = resolve_version(client, reference)
+    # The server, run and creation time as well as the number: a tracking store that is
+    # deleted and started again hands out version 1 again, for other weights.
+    origin = f"{client.tracking_uri}|{version.run_id}|{version.creation_timestamp}"
+    digest = hashlib.sha256(origin.encode()).hexdigest()[:12]
+    folder = cache_root() / "models" / version.name / f"{version.version}-{digest}"
+    cached = sorted(folder.rglob(CHECKPOINT_FILE)) if folder.is_dir() else []
+    if cached:
+        return cached[0]
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        inside = download(client, f"{version.name}/{version.version}", staging).relative_to(staging)
+        # A failed rename means another process finished the same version first: use theirs.
+        with contextlib.suppress(OSError):
+            staging.rename(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder / inside
 
 
 def resolve_model_uri(uri: str) -> Path:
     """The ``models`` resolver of :mod:`autoassign.checkpoint_sources`: the checkpoint of
     ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` from the registry at
-    ``MLFLOW_TRACKING_URI``."""
-    return download_to_temp(uri)
+    ``MLFLOW_TRACKING_URI``, kept in the download cache (:func:`download_cached`)."""
+    return download_cached(uri)
 
 
 def load_detector(reference: str, *, tracking_uri: str | None = None, device: str = "auto"):
-    """A ready :class:`autoassign.predict.Predictor` for a registered model version."""
+    """A ready :class:`autoassign.predict.Predictor` for a registered model version.
+
+    The checkpoint is downloaded to a temporary folder that is gone once the weights are in
+    memory, so loading in a loop does not fill the disk.
+    """
+    from mlflow.tracking import MlflowClient
+
     from autoassign.predict import Predictor
 
-    return Predictor(download_to_temp(reference, tracking_uri), device=device)
+    with tempfile.TemporaryDirectory(prefix="autoassign-model-") as folder:
+        checkpoint = download(MlflowClient(tracking_uri), reference, Path(folder))
+        return Predictor(checkpoint, device=device)
 
 
 # ---- CLI -------------------------------------------------------------------------------------

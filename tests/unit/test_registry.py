@@ -7,6 +7,8 @@ a real sweep on an ``mlflow server`` with S3 artifacts is in tests/integration/t
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -100,6 +102,16 @@ def test_a_loaded_model_predicts_what_its_checkpoint_predicts(world):
     assert not torch.equal(loaded.model.head.cls_logits.weight, other.model.head.cls_logits.weight)
 
 
+def test_loading_a_model_leaves_no_download_behind(world, tmp_path, monkeypatch):
+    finish_sweep(world, "sweep1", 0.40)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    for _ in range(2):
+        load_detector("autoassign-shapes@best", tracking_uri=world["uri"], device="cpu")
+    assert list(scratch.iterdir()) == []
+
+
 def test_cli_load_and_unknown_models(world, tmp_path, capsys):
     from orchestration.tracking import registry
 
@@ -173,6 +185,8 @@ def test_autoassign_predict_takes_a_registry_uri(world, tmp_path, monkeypatch, c
 
     finish_sweep(world, "sweep1", 0.40)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", world["uri"])
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("AUTOASSIGN_CACHE_DIR", str(cache))
 
     def run(model: str, out: str) -> int:
         args = [model, str(world["image"]), "--out", str(tmp_path / out), "--device", "cpu"]
@@ -184,6 +198,18 @@ def test_autoassign_predict_takes_a_registry_uri(world, tmp_path, monkeypatch, c
     assert got == json.loads((tmp_path / "b" / "predictions.json").read_text())
     assert got[0]["scores"]  # something was detected, so equality says something
     capsys.readouterr()
+
+    # The version is downloaded once: the second run reads the cache, not the artifact store.
+    assert len(list(cache.rglob("checkpoint.pt"))) == 1
+    shutil.move(tmp_path / "art", tmp_path / "art-away")
+    assert run("models:/autoassign-shapes@best", "again") == 0
+    assert json.loads((tmp_path / "again" / "predictions.json").read_text()) == got
+    shutil.move(tmp_path / "art-away", tmp_path / "art")
+    # The alias is resolved on every run: a better version is fetched when it takes `best`.
+    finish_sweep(world, "sweep2", 0.50)
+    assert run("models:/autoassign-shapes@best", "better") == 0
+    assert len(list(cache.rglob("checkpoint.pt"))) == 2
+    assert json.loads((tmp_path / "better" / "predictions.json").read_text()) != got
 
     # Errors: one line on stderr, exit 1 (predict.main is what `python -m` runs).
     assert run("models:/autoassign-nothing@best", "c") == 1
