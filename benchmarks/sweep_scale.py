@@ -354,6 +354,31 @@ def compare_seconds(uri: str, folder: Path) -> float:
     return elapsed
 
 
+def runs_table_seconds(uri: str) -> tuple[float, float]:
+    """Seconds for headless Chromium to show the experiment's runs table (its first rows), and
+    then to show the sweep's child runs under its parent run (``tests/integration/mlflow_ui``,
+    as the UI test drives it)."""
+    from mlflow.tracking import MlflowClient
+
+    sys.path.insert(0, str(ROOT))
+    from tests.integration.mlflow_ui import RunsTable, missing_browser
+
+    reason = missing_browser()
+    if reason:
+        raise SystemExit(f"sweep_scale: --ui: {reason}")
+    experiment = MlflowClient(uri).get_experiment_by_name("sweep-scale")
+    url = f"{uri.rstrip('/')}/#/experiments/{experiment.experiment_id}/runs"
+    with RunsTable() as table:
+        started = time.perf_counter()
+        table.open(url, timeout=300)
+        opened = time.perf_counter() - started
+        parent = next(row for row in table.rows() if row.depth == 0)
+        started = time.perf_counter()
+        table.expand(parent.run_id, timeout=300)
+        expanded = time.perf_counter() - started
+    return opened, expanded
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=1000, help="in all, over 4 datasets")
@@ -363,6 +388,9 @@ def main() -> None:
     parser.add_argument("--tracking", nargs="+", choices=("sqlite", "postgres"),
                         default=["sqlite", "postgres"])  # fmt: skip
     parser.add_argument("--keep", type=Path, help="keep the runs' files in this folder")
+    parser.add_argument("--ui", action="store_true",
+                        help="also time the MLflow runs table in headless Chromium "
+                        "(PostgreSQL store only: its server is up)")  # fmt: skip
     args = parser.parse_args()
     os.environ["SWEEP_SCALE_EPOCH_S"] = str(args.epoch_seconds)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -394,6 +422,14 @@ def main() -> None:
                 ours = run_child("project", folder / "sweep.log", folder=folder, uri=uri,
                                  **options)  # fmt: skip
                 compare = compare_seconds(uri, folder)
+                if args.ui:
+                    opened, expanded = runs_table_seconds(uri)
+                    print(
+                        f"MLflow runs table ({store}, headless Chromium): shown in "
+                        f"{opened:.1f} s, the sweep's {trials} child runs under its parent "
+                        f"in {expanded:.1f} s more",
+                        flush=True,
+                    )
         ratio = ours["wall_s"] / tune["wall_s"]
         per_trial = (ours["wall_s"] - tune["wall_s"]) / trials
         print(
