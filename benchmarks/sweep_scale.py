@@ -199,7 +199,10 @@ def measure_project(folder: Path, trials: int, epochs: int, concurrent: int, uri
 
 
 def measure_tune(trials: int, epochs: int, concurrent: int) -> dict:
-    """Plain Ray Tune: the same trials, at the same concurrency, nothing tracked."""
+    """Plain Ray Tune: the same trials, at the same concurrency, nothing tracked, and with
+    the same reuse of trial actors as the project's FIFO sweep (``reuse_actors``, see
+    ``orchestration.running.tune_run.reuses_trial_drivers``): without it, starting an actor
+    per trial, not the tracking, would be what the two differ in."""
     import ray
     from ray import tune
 
@@ -220,6 +223,7 @@ def measure_tune(trials: int, epochs: int, concurrent: int) -> dict:
                 mode="max",
                 num_samples=per_dataset,
                 max_concurrent_trials=concurrent,
+                reuse_actors=True,
             ),
             run_config=tune.RunConfig(
                 storage_path=tempfile.mkdtemp(prefix="sweep-scale-tune-"), verbose=0

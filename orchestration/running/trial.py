@@ -62,6 +62,10 @@ class SweepContext:
     tracking_wait_s: float = OUTAGE_WAIT_S
     """How long a trial waits out an unreachable tracking server: at its start and for the
     final flush of its metrics."""
+    placement_group_cleaner: bool = True
+    """Whether each trial's Ray Train run starts its placement-group cleaner: False on a Ray
+    without its dashboard, whose State API that cleaner needs
+    (:mod:`orchestration.running.lean_trainer`)."""
     launch_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     """New for each run of the sweep driver (a ``--resume`` gets another): a failure that a
     trial driver recorded under this launch is not retried by Tune within it."""
@@ -162,9 +166,9 @@ def run_trial(tune_config: dict[str, Any], context: SweepContext) -> None:
     the trial failed (so Tune marks it ERROR with the reason)."""
     import ray.train
     import ray.tune
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from orchestration.running.lean_trainer import torch_trainer_class
     from orchestration.running.storage import Storage
     from orchestration.running.worker import train_loop
     from orchestration.tracking.tags import TAG_CHECKPOINT, TAG_FAILURE_FINAL, TAG_FAILURE_LAUNCH
@@ -193,7 +197,7 @@ def run_trial(tune_config: dict[str, Any], context: SweepContext) -> None:
     per_worker = {"CPU": resources.cpus_per_worker}
     if resources.use_gpu:
         per_worker["GPU"] = resources.gpus_per_worker
-    trainer = TorchTrainer(
+    trainer = torch_trainer_class(placement_group_cleaner=context.placement_group_cleaner)(
         train_loop,
         train_loop_config={
             "experiment": experiment.model_dump(mode="json"),

@@ -97,6 +97,21 @@ measured with ``benchmarks/sweep_overhead.py``. A value set in the environment w
 that joins a cluster leaves the cluster's settings alone."""
 
 
+def reuses_trial_drivers(sweep: SweepConfig) -> bool:
+    """Whether Tune hands a finished trial's driver actor to the next trial (its
+    ``reuse_actors``) instead of starting a new process that imports Ray Train, MLflow and the
+    library again: about 5 s of CPU a trial, which a small machine takes from the training
+    beside it (measured with ``benchmarks/sweep_overhead.py``). A trial that failed never
+    passes its actor on.
+
+    Only where no scheduler stops trials early (``fifo``): Tune would reuse the driver of a
+    trial it stopped while that driver's Ray Train run is still training (the run ends with
+    its driver's process, which reuse keeps alive), and after 2 s it fails the next trial with
+    "Could not re-use actor".
+    """
+    return sweep.search.scheduler.type == "fifo"
+
+
 def apply_local_ray_train_settings(environ: dict[str, str] | None = None) -> dict[str, str]:
     """Put :data:`LOCAL_RAY_TRAIN_SETTINGS` into ``environ`` (``os.environ`` by default)
     where it has no value of its own, before ``ray.init`` starts the processes that read
@@ -155,6 +170,8 @@ def _fit(
         storage_root=where.storage_root,
         storage_endpoint=where.storage_endpoint,
         work_dir=str(where.output_dir / "trials"),
+        # The embedded local Ray runs without its dashboard (see _init_ray).
+        placement_group_cleaner=bool(where.ray_address),
     )
     # The trial driver holds no CPU, so the Train workers can take all of them; Ray refuses
     # an empty request, hence a token amount of (logical) memory.
@@ -208,6 +225,7 @@ def _fit(
             num_samples=num_samples,
             trial_name_creator=lambda t: trial_label(t.config["dataset"], trial_params(t.config)),
             trial_dirname_creator=lambda t: t.trial_id,
+            reuse_actors=reuses_trial_drivers(sweep),
         ),
         run_config=run_config,
     )

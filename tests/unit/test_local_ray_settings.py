@@ -1,8 +1,15 @@
-"""Ray Train's switches for the Ray a sweep starts on its own machine."""
+"""Ray Train's switches for the Ray a sweep starts on its own machine, and Tune's reuse of
+trial drivers."""
 
 from __future__ import annotations
 
-from orchestration.running.tune_run import LOCAL_RAY_TRAIN_SETTINGS, apply_local_ray_train_settings
+from orchestration.definition.config_loading import load_sweep_config
+from orchestration.running.tune_run import (
+    LOCAL_RAY_TRAIN_SETTINGS,
+    apply_local_ray_train_settings,
+    reuses_trial_drivers,
+)
+from tests.unit.test_score_rule import sweep_file
 
 
 def test_a_local_ray_runs_train_without_preemption_watcher_or_metrics_and_polls_faster():
@@ -34,3 +41,10 @@ def test_ray_train_reads_each_switch_by_the_name_used_here():
     assert constants.ENABLE_PREEMPTION_WATCHER_ENV_VAR in LOCAL_RAY_TRAIN_SETTINGS
     assert constants.METRICS_ENABLED_ENV_VAR in LOCAL_RAY_TRAIN_SETTINGS
     assert constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR in LOCAL_RAY_TRAIN_SETTINGS
+
+
+def test_trial_drivers_are_reused_only_where_no_trial_is_stopped_early(tmp_path):
+    fifo = load_sweep_config(sweep_file(tmp_path, scheduler={"type": "fifo"}))
+    asha = load_sweep_config(sweep_file(tmp_path, scheduler={"type": "asha", "grace_period": 4}))
+    assert reuses_trial_drivers(fifo) is True
+    assert reuses_trial_drivers(asha) is False
