@@ -141,6 +141,7 @@ def open_trial_run(
         **{f"search.{k}": v for k, v in params.items()},
     }
     run_id = tracker.trial_run(
+        existing=existing,
         sweep_id=context.sweep_id,
         parent_run_id=context.parent_run_id or "",
         trial_id=trial_id,

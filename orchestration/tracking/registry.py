@@ -445,6 +445,8 @@ def download_cached(reference: str, tracking_uri: str | None = None) -> Path:
             staging.rename(folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    if not (folder / inside).is_file():
+        raise RegistryError(f"{reference}: could not keep the download in {folder}")
     return folder / inside
 
 

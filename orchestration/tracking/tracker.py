@@ -170,6 +170,7 @@ class Tracker:
     def trial_run(
         self,
         *,
+        existing: Any | None,
         sweep_id: str,
         parent_run_id: str,
         trial_id: str,
@@ -179,11 +180,12 @@ class Tracker:
         dataset_input: DatasetInput | None = None,
         extra_tags: Mapping[str, str] | None = None,
     ) -> str:
-        """The trial's child run id: found by tags when it exists (a restart), else created.
+        """The trial's child run id: ``existing`` (what :meth:`find_trial_run` found, on a
+        restart) or a new run when that is None. The caller looks the run up itself, once:
+        each lookup is a search of the experiment, whose runs a big sweep counts in thousands.
 
         A found run that had ended is RUNNING again, without the failure tags of its end.
         """
-        existing = self.find_trial_run(sweep_id, trial_id)
         if existing is not None:
             run_id = existing.info.run_id
             if existing.info.status != "RUNNING":
