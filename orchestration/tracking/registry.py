@@ -389,11 +389,15 @@ def resolve_version(client: Any, reference: str) -> Any:
 
 def download(client: Any, reference: str, destination: Path) -> Path:
     """The version's checkpoint file, downloaded (with its MLflow model) under ``destination``."""
+    return download_version(client, resolve_version(client, reference), reference, destination)
+
+
+def download_version(client: Any, version: Any, reference: str, destination: Path) -> Path:
+    """:func:`download` of a version already resolved (``reference`` names it in errors)."""
     import mlflow
 
     from orchestration.tracking.mlflow_model import checkpoint_in
 
-    version = resolve_version(client, reference)
     local = Path(
         mlflow.artifacts.download_artifacts(
             artifact_uri=version.source,
@@ -439,7 +443,7 @@ def download_cached(reference: str, tracking_uri: str | None = None) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        inside = download(client, f"{version.name}/{version.version}", staging).relative_to(staging)
+        inside = download_version(client, version, reference, staging).relative_to(staging)
         # A failed rename means another process finished the same version first: use theirs.
         with contextlib.suppress(OSError):
             staging.rename(folder)
