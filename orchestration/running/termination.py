@@ -22,7 +22,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -39,22 +39,17 @@ def created_by_job(placement_group_id: str, job_id: str) -> bool:
     return len(placement_group_id) > len(job_id) and placement_group_id.endswith(job_id)
 
 
-def remove_placement_groups(ray: Any, matching: Callable[[str], bool]) -> list[str]:
-    """Remove every live placement group whose hex id is ``matching``; returns their ids."""
+def release_placement_groups(ray: Any) -> list[str]:
+    """Remove every live placement group of this driver's Ray job; returns their ids."""
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
+    job_id = ray.get_runtime_context().get_job_id()
     removed = []
     for group_id, group in ray.util.placement_group_table().items():
-        if group["state"] in LIVE_STATES and matching(group_id):
+        if group["state"] in LIVE_STATES and created_by_job(group_id, job_id):
             remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group_id)))
             removed.append(group_id)
     return removed
-
-
-def release_placement_groups(ray: Any) -> list[str]:
-    """Remove every live placement group of this driver's Ray job; returns their ids."""
-    job_id = ray.get_runtime_context().get_job_id()
-    return remove_placement_groups(ray, lambda group_id: created_by_job(group_id, job_id))
 
 
 def keep_releasing(ray: Any, every_s: float = 0.05) -> None:

@@ -34,15 +34,17 @@ LEFTOVER_GROUPS = """
 import sys
 
 import ray
+from ray.util.placement_group import PlacementGroup, remove_placement_group
 
-from orchestration.running.termination import created_by_job, remove_placement_groups
+from orchestration.running.termination import LIVE_STATES, created_by_job
 
 ray.init(address=sys.argv[1])
 running = set(sys.argv[2:]) | {ray.get_runtime_context().get_job_id()}
-unheld = remove_placement_groups(
-    ray, lambda group_id: not any(created_by_job(group_id, job) for job in running)
-)
-print("\n".join(unheld))
+for group_id, group in ray.util.placement_group_table().items():
+    held = any(created_by_job(group_id, job) for job in running)
+    if group["state"] in LIVE_STATES and not held:
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group_id)))
+        print(group_id)
 """
 
 
