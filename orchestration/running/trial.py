@@ -66,6 +66,9 @@ class SweepContext:
     """Whether each trial's Ray Train run starts its placement-group cleaner: False on a Ray
     without its dashboard, whose State API that cleaner needs
     (:mod:`orchestration.running.lean_trainer`)."""
+    experiment_id: str | None = None
+    """The sweep's MLflow experiment, which its driver found or created: a trial does not
+    look it up again (one request less per trial)."""
     launch_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     """New for each run of the sweep driver (a ``--resume`` gets another): a failure that a
     trial driver recorded under this launch is not retried by Tune within it."""
@@ -129,6 +132,7 @@ def open_trial_run(
         context.tracking_uri,
         sweep.tracking.experiment or sweep.name,
         wait=context.tracking_wait_s,
+        experiment_id=context.experiment_id,
     )
     existing = tracker.find_trial_run(context.sweep_id, trial_id)
     if existing is not None:

@@ -13,6 +13,12 @@ running trial. Nor may it hold up Tune's event loop for long. So each close is t
 ``retry_every`` seconds on Tune's steps, and at the end of the experiment for up to
 ``final_wait`` seconds, with a warning saying which runs are waiting.
 
+Ended trials are closed together: Tune calls ``on_trial_complete`` for every trial, and almost
+all of them ended their runs themselves, so the trials that completed within ``close_every``
+seconds cost one search for the sweep's RUNNING runs, not one search each (at 1,000 trials a
+search each was a tenth of the sweep driver's CPU). An errored trial is closed at once, before
+Tune can start it again.
+
 It also tells Tune when a retry cannot help: a trial that reported a non-finite loss gets no
 Tune restarts (see ``orchestration.running.trial``).
 """
@@ -52,6 +58,8 @@ class RunCloser(Callback):
     attempt_timeout: how long one try of a close may keep retrying (0: a single request
         per call, each failing within seconds when the server is down).
     retry_every: how often closes that failed are tried again while Tune runs.
+    close_every: how long a completed trial waits to be closed together with the trials that
+        complete after it (an early-stopped run shows RUNNING that much longer).
     final_wait: how long the end of the experiment waits for them (default: the tracker's
         ``wait``, the bound every other tracking call waits out an outage for).
     """
@@ -63,17 +71,19 @@ class RunCloser(Callback):
         *,
         attempt_timeout: float = 0.0,
         retry_every: float = 30.0,
+        close_every: float = 5.0,
         final_wait: float | None = None,
     ):
         self.tracker = tracker
         self.sweep_id = sweep_id
         self.attempt_timeout = attempt_timeout
         self.retry_every = retry_every
+        self.close_every = close_every
         self.final_wait = tracker.wait if final_wait is None else final_wait
         self.pending: dict[str, Closing] = {}
         """Closes not done yet, by trial id."""
         self._warned: set[str] = set()
-        self._next_retry = 0.0
+        self._next_retry = float("inf")  # no close is waiting
 
     # ---- Tune's hooks (none of them raises) -----------------------------------------------
 
@@ -94,10 +104,14 @@ class RunCloser(Callback):
             logger.warning("trial %s: retries not switched off: %s", trial.trial_id, error)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._request(trial.trial_id, Closing("KILLED", early_stopped=True))
+        self.pending[trial.trial_id] = Closing("KILLED", early_stopped=True)
+        if not self._warned:  # while MLflow is unreachable the retries keep their pace
+            self._next_retry = min(self._next_retry, time.monotonic() + self.close_every)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._request(trial.trial_id, Closing("FAILED", reason=error_reason(trial)))
+        # At once: Tune may start the trial again, and its new attempt reopens the same run.
+        self.pending[trial.trial_id] = Closing("FAILED", reason=error_reason(trial))
+        self._retry_pending()
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         if self.pending and time.monotonic() >= self._next_retry:
@@ -118,53 +132,69 @@ class RunCloser(Callback):
 
     # ---- closing ----------------------------------------------------------------------------
 
-    def _request(self, trial_id: str, closing: Closing) -> None:
-        self.pending[trial_id] = closing  # a later request replaces an earlier one
-        self._retry_pending()
-
     def _retry_pending(self) -> bool:
-        """Try the pending closes once each, up to the first that fails (the server is down:
-        the others would wait for nothing), which goes last for the next round; True while
-        some are left."""
-        for trial_id, closing in list(self.pending.items()):
-            try:
-                self._close(trial_id, closing)
-            except Exception as error:
-                if trial_id not in self._warned:
-                    self._warned.add(trial_id)
+        """Try the pending closes once, with one search for the sweep's RUNNING runs; on a
+        failure (the server is down) the rest wait for the next round. True while some are
+        left."""
+        if not self.pending:
+            self._next_retry = float("inf")
+            return False
+        try:
+            running = self._running_runs()
+        except Exception as error:
+            self._warn_unreachable(list(self.pending), error)
+        else:
+            for trial_id, closing in list(self.pending.items()):
+                try:
+                    for run_id in running.get(trial_id, ()):
+                        self._end(run_id, closing)
+                except Exception as error:
+                    self._warn_unreachable([trial_id], error)
+                    self.pending[trial_id] = self.pending.pop(trial_id)  # last, next round
+                    break
+                del self.pending[trial_id]
+                if trial_id in self._warned:
+                    self._warned.discard(trial_id)
                     logger.warning(
-                        "MLflow unreachable (%s): the run of trial %s is closed (%s) once it "
-                        "answers",
-                        first_line(error, limit=300),
-                        trial_id,
-                        closing.status,
+                        "MLflow reachable again: the run of trial %s is closed", trial_id
                     )
-                self.pending[trial_id] = self.pending.pop(trial_id)
-                break
-            del self.pending[trial_id]
-            if trial_id in self._warned:
-                self._warned.discard(trial_id)
-                logger.warning("MLflow reachable again: the run of trial %s is closed", trial_id)
-        self._next_retry = time.monotonic() + self.retry_every
+        self._next_retry = time.monotonic() + self.retry_every if self.pending else float("inf")
         return bool(self.pending)
 
-    def _close(self, trial_id: str, closing: Closing) -> None:
-        """End the trial's run as ``closing`` says if it is still RUNNING (raises when the
-        tracking server does not answer within :attr:`attempt_timeout`)."""
-        timeout = self.attempt_timeout
+    def _warn_unreachable(self, trial_ids: list[str], error: Exception) -> None:
+        for trial_id in trial_ids:
+            if trial_id not in self._warned:
+                self._warned.add(trial_id)
+                logger.warning(
+                    "MLflow unreachable (%s): the run of trial %s is closed (%s) once it answers",
+                    first_line(error, limit=300),
+                    trial_id,
+                    self.pending[trial_id].status,
+                )
+
+    def _running_runs(self) -> dict[str, list[str]]:
+        """The sweep's RUNNING runs' ids, by trial id (raises when the tracking server does
+        not answer within :attr:`attempt_timeout`)."""
         with fail_fast_requests():
             runs = self.tracker.find_runs(
-                timeout=timeout, **{TAG_SWEEP_ID: self.sweep_id, TAG_TRIAL_ID: trial_id}
+                timeout=self.attempt_timeout, status="RUNNING", **{TAG_SWEEP_ID: self.sweep_id}
             )
-            running = [run.info.run_id for run in runs if run.info.status == "RUNNING"]
-            for run_id in running:
-                self.tracker.end_run(
-                    run_id,
-                    closing.status,
-                    reason=closing.reason,
-                    tags={TAG_EARLY_STOPPED: "true"} if closing.early_stopped else None,
-                    timeout=timeout,
-                )
+        by_trial: dict[str, list[str]] = {}
+        for run in runs:
+            trial_id = run.data.tags.get(TAG_TRIAL_ID)
+            if trial_id is not None:
+                by_trial.setdefault(trial_id, []).append(run.info.run_id)
+        return by_trial
+
+    def _end(self, run_id: str, closing: Closing) -> None:
+        with fail_fast_requests():
+            self.tracker.end_run(
+                run_id,
+                closing.status,
+                reason=closing.reason,
+                tags={TAG_EARLY_STOPPED: "true"} if closing.early_stopped else None,
+                timeout=self.attempt_timeout,
+            )
 
 
 def error_reason(trial: Any) -> str:

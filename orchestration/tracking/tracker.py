@@ -84,10 +84,13 @@ class Tracker:
         *,
         artifact_location: str | None = None,
         wait: float = OUTAGE_WAIT_S,
+        experiment_id: str | None = None,
     ):
         """``artifact_location``: where a new experiment keeps artifacts (None: the server's
         default, e.g. its ``--artifacts-destination``); ``wait``: how long each call (this
-        one's experiment lookup included) waits out an unreachable server before it raises."""
+        one's experiment lookup included) waits out an unreachable server before it raises;
+        ``experiment_id``: the experiment's id where the caller knows it (a trial, from its
+        sweep's driver), which saves the lookup."""
         from mlflow.tracking import MlflowClient
 
         self.tracking_uri = tracking_uri
@@ -95,7 +98,9 @@ class Tracker:
         self.wait = wait
         self.client = MlflowClient(tracking_uri)
         self.experiment_name = experiment_name
-        self.experiment_id = self._retried(self._experiment_id, "experiment lookup")
+        self.experiment_id = experiment_id or self._retried(
+            self._experiment_id, "experiment lookup"
+        )
 
     def _retried(self, call: Callable[[], T], what: str, timeout: float | None = None) -> T:
         return with_retries(call, what=what, timeout=self.wait if timeout is None else timeout)
@@ -118,10 +123,15 @@ class Tracker:
 
     # ---- finding --------------------------------------------------------------------------
 
-    def find_runs(self, *, timeout: float | None = None, **tags: str) -> list[Any]:
-        """Runs of this experiment carrying every ``tag=value`` (keys as in ``TAG_*``);
-        ``timeout``: how long to wait out an unreachable server (default :attr:`wait`)."""
+    def find_runs(
+        self, *, timeout: float | None = None, status: str | None = None, **tags: str
+    ) -> list[Any]:
+        """Runs of this experiment carrying every ``tag=value`` (keys as in ``TAG_*``), and
+        only those in ``status`` (``RUNNING``, ...) if given; ``timeout``: how long to wait
+        out an unreachable server (default :attr:`wait`)."""
         clauses = [f"tags.`{key}` = '{value}'" for key, value in tags.items()]
+        if status is not None:
+            clauses.append(f"attributes.status = '{status}'")
         runs: list[Any] = []
         token = None
         while True:  # every page: a sweep of more than one page of trials is not cut short

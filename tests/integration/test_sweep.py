@@ -243,6 +243,11 @@ def test_artifacts_and_checkpoints_are_on_s3(finished_sweep, s3_server):
     assert 2 <= len(per_trial) <= 4  # the two good trials at least
     assert all(1 <= count <= 2 for count in per_trial.values()), per_trial
     assert not any("/trials/" in key for key in checkpoint_keys)
+    # MLflow records the results: Tune writes no result files of its own per trial.
+    ray_keys = s3_server.keys("ray/it-main-")
+    assert any(key.endswith(".json") for key in ray_keys)  # Tune's experiment state is there
+    duplicates = ("progress.csv", "result.json", "params.json", "events.out.tfevents")
+    assert not [key for key in ray_keys if any(d in key.rsplit("/", 1)[-1] for d in duplicates)]
 
 
 def test_no_secret_in_runs_artifacts_or_logs(finished_sweep, mlflow_server, s3_server):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from orchestration.definition.config_loading import load_sweep_config
 from orchestration.running.tune_run import (
     LOCAL_RAY_TRAIN_SETTINGS,
+    TUNE_RESULT_FILES_OFF,
     apply_local_ray_train_settings,
     reuses_trial_drivers,
 )
@@ -48,3 +49,17 @@ def test_trial_drivers_are_reused_only_where_no_trial_is_stopped_early(tmp_path)
     asha = load_sweep_config(sweep_file(tmp_path, scheduler={"type": "asha", "grace_period": 4}))
     assert reuses_trial_drivers(fifo) is True
     assert reuses_trial_drivers(asha) is False
+
+
+def test_tune_writes_no_result_files_of_its_own_under_the_switch_used_here(monkeypatch):
+    """The switch's name is Tune's own: a rename in Ray would bring the files back."""
+    from ray.tune.logger import LoggerCallback
+    from ray.tune.utils.callback import _create_default_callbacks
+
+    monkeypatch.delenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", raising=False)
+    with_files = _create_default_callbacks([], metric="score")
+    assert any(isinstance(callback, LoggerCallback) for callback in with_files)
+    for name, value in TUNE_RESULT_FILES_OFF.items():
+        monkeypatch.setenv(name, value)
+    without = _create_default_callbacks([], metric="score")
+    assert not [callback for callback in without if isinstance(callback, LoggerCallback)]

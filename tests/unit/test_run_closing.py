@@ -66,6 +66,45 @@ def test_closes_early_stopped_and_errored_trials(tracker):
     assert not closer.pending
 
 
+def test_completed_trials_are_closed_together_with_one_search(tracker, monkeypatch):
+    """Tune calls on_trial_complete for every trial, and most ended their runs themselves:
+    the trials completing within close_every seconds cost one search, not one each."""
+    searches = []
+    find_runs = tracker.find_runs
+
+    def counted(**kwargs):
+        searches.append(kwargs)
+        return find_runs(**kwargs)
+
+    monkeypatch.setattr(tracker, "find_runs", counted)
+    closer = RunCloser(tracker, SWEEP, close_every=3600.0)
+    finished = [trial_with_run(tracker) for _ in range(20)]
+    for _, run_id in finished:  # their drivers ended them
+        tracker.end_run(run_id, "FINISHED")
+    stopped, stopped_run = trial_with_run(tracker)  # stopped early by the scheduler
+    for trial, _ in finished:
+        closer.on_trial_complete(0, [], trial)
+    closer.on_trial_complete(0, [], stopped)
+    closer.on_step_end(1, [])
+    assert searches == [] and len(closer.pending) == 21  # waits for the others
+    assert tracker.client.get_run(stopped_run).info.status == "RUNNING"
+
+    closer.on_experiment_end([])
+    assert len(searches) == 1 and not closer.pending
+    run = tracker.client.get_run(stopped_run)
+    assert run.info.status == "KILLED" and run.data.tags[TAG_EARLY_STOPPED] == "true"
+    assert {tracker.client.get_run(r).info.status for _, r in finished} == {"FINISHED"}
+
+    later, later_run = trial_with_run(tracker)
+    closer = RunCloser(tracker, SWEEP, close_every=0.0)
+    closer.on_trial_complete(0, [], later)
+    closer.on_step_end(2, [])  # close_every passed
+    assert len(searches) == 2 and tracker.client.get_run(later_run).info.status == "KILLED"
+    closer.on_step_end(3, [])
+    closer.on_experiment_end([])
+    assert len(searches) == 2  # nothing pending, nothing searched
+
+
 def test_an_unreachable_server_never_raises_into_tune_and_the_close_is_done_later(tracker, caplog):
     closer = RunCloser(tracker, SWEEP, retry_every=0.0, final_wait=0.0)
     stopped, stopped_run = trial_with_run(tracker)

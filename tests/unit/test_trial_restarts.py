@@ -8,6 +8,7 @@ of a killed driver on a real cluster is in ``tests/integration/test_fault_tolera
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,26 @@ def test_runs_that_may_start_again(tmp_path, store):
     assert final_failure(tracker.client.get_run(run_id), "launch-1") is None  # RUNNING
     tracker.end_run(run_id, "FAILED", reason="the trial failed")  # closed by the sweep driver
     assert final_failure(tracker.client.get_run(run_id), "launch-1") is None
+
+
+def test_a_trial_uses_the_experiment_its_sweep_driver_found(tmp_path, store, monkeypatch):
+    """The driver found or created the experiment: a trial does not look it up again."""
+    sweep = sweep_config(tmp_path)
+    experiment_id = Tracker(store, "restarts").experiment_id
+    from mlflow.tracking import MlflowClient
+
+    def no_lookup(self, name):
+        raise AssertionError(f"experiment {name!r} looked up again")
+
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", no_lookup)
+    dataset = sweep.datasets[0]
+    tracker, run_id = open_trial_run(
+        dataclasses.replace(context(store, sweep), experiment_id=experiment_id),
+        sweep,
+        trial_id="t1",
+        dataset=dataset,
+        params={},
+        experiment=trial_experiment(sweep, dataset, {}, output_dir=Path("unused")),
+    )
+    assert tracker.experiment_id == experiment_id
+    assert tracker.client.get_run(run_id).info.experiment_id == experiment_id
