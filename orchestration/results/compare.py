@@ -85,7 +85,8 @@ class DatasetSummary:
 def load_trials(
     client: Any, experiment: str, *, sweep_id: str | None = None
 ) -> tuple[str, list[DatasetSummary]]:
-    """The experiment's id and its trial runs grouped by dataset (in order of appearance)."""
+    """The experiment's id and its trial runs (``sweep_id``'s only, when given) grouped by
+    dataset (in order of appearance)."""
     found = client.get_experiment_by_name(experiment)
     if found is None:
         names = sorted(e.name for e in client.search_experiments())
@@ -93,15 +94,25 @@ def load_trials(
             f"experiment {experiment!r} not found; the tracking store has: "
             + (", ".join(names) or "(none)")
         )
-    runs = _search(client, found.experiment_id, f"tags.`{TAG_KIND}` = 'trial'")
-    if sweep_id is not None:
-        sweeps = sorted({r.data.tags.get(TAG_SWEEP_ID, "") for r in runs})
-        runs = [r for r in runs if r.data.tags.get(TAG_SWEEP_ID) == sweep_id]
-        if not runs:
-            raise CompareError(
-                f"sweep {sweep_id!r} has no trials in experiment {experiment!r}; its sweeps: "
-                + (", ".join(s for s in sweeps if s) or "(none)")
-            )
+    trials = f"tags.`{TAG_KIND}` = 'trial'"
+    if sweep_id is None:
+        return found.experiment_id, summarize_runs(_search(client, found.experiment_id, trials))
+    # The sweep's own runs only: an experiment of nightly sweeps holds thousands of others.
+    runs = _search(
+        client, found.experiment_id, f"{trials} and tags.`{TAG_SWEEP_ID}` = '{sweep_id}'"
+    )
+    if not runs:
+        everyone = _search(client, found.experiment_id, trials)
+        sweeps = sorted({r.data.tags.get(TAG_SWEEP_ID, "") for r in everyone})
+        raise CompareError(
+            f"sweep {sweep_id!r} has no trials in experiment {experiment!r}; its sweeps: "
+            + (", ".join(s for s in sweeps if s) or "(none)")
+        )
+    return found.experiment_id, summarize_runs(runs)
+
+
+def summarize_runs(runs: Sequence[Any]) -> list[DatasetSummary]:
+    """Trial runs (MLflow ``Run`` objects) grouped by dataset, in order of start."""
     summaries: dict[str, DatasetSummary] = {}
     for run in sorted(runs, key=lambda r: r.info.start_time or 0):
         tags, params = run.data.tags, run.data.params
@@ -127,7 +138,7 @@ def load_trials(
                 checkpoint=tags.get(TAG_CHECKPOINT),
             )
         )
-    return found.experiment_id, list(summaries.values())
+    return list(summaries.values())
 
 
 def _search(client: Any, experiment_id: str, filter_string: str) -> list[Any]:

@@ -48,6 +48,7 @@ def log_parent(tracker: Any, run_id: str, sweep: SweepConfig, config_path: Path)
     import tempfile
 
     from orchestration.definition.search_space import describe_space, trials_per_dataset
+    from orchestration.tracking.tracker import DatasetInput
 
     params = {f"search_space.{k}": v for k, v in describe_space(sweep).items()}
     params.update({f"variants.{name}": json.dumps(v) for name, v in sweep.variants.items()})
@@ -62,6 +63,10 @@ def log_parent(tracker: Any, run_id: str, sweep: SweepConfig, config_path: Path)
     )
     params.update({f"versions.{name}": version for name, version in package_versions().items()})
     tracker.log_params(run_id, params)
+    # The datasets exist in MLflow before the first trials link them: trials starting
+    # together would otherwise race to create each one (a unique-key error and a retry).
+    for dataset in sweep.datasets:
+        tracker.log_dataset(run_id, DatasetInput.of(dataset))
     with tempfile.TemporaryDirectory() as tmp:
         resolved = Path(tmp) / "sweep_resolved.yaml"
         resolved.write_text(redacted_yaml(sweep.model_dump(mode="json")), encoding="utf-8")

@@ -136,17 +136,21 @@ def _finish(
     ``finished``. Each step can be done again by ``--resume`` (registered datasets are
     remembered in the manifest and not registered twice)."""
     from orchestration.results.leaderboard import build_leaderboard, format_leaderboard
+    from orchestration.tracking.tags import TAG_KIND, TAG_SWEEP_ID
 
     sweep_id, parent_run_id = manifest["sweep_id"], manifest["parent_run_id"]
     rows = build_leaderboard(sweep, results, tracker=tracker, sweep_id=sweep_id)
+    # One search for all the sweep's trial runs (the manifest and compare.md both need them):
+    # at 1,000 trials each such search reads about 100,000 params, tags and metrics.
+    trial_runs = tracker.find_runs(**{TAG_SWEEP_ID: sweep_id, TAG_KIND: "trial"})
     manifest["trials"] = {
-        row["trial_id"]: row["run_id"] for row in _all_trials(results, tracker, sweep_id)
+        row["trial_id"]: row["run_id"] for row in _all_trials(results, trial_runs)
     }
     manifest["status"] = "finishing"
     record.write_manifest(manifest)
     record.write_leaderboard(rows)
     tracker.log_artifact(parent_run_id, record.leaderboard_path)
-    _log_comparison(tracker, where, sweep_id, parent_run_id)
+    _log_comparison(tracker, where, trial_runs, parent_run_id)
     if sweep.tracking.register_models:
         _register_models(tracker, where, rows, sweep_id, record, manifest)
     say(format_leaderboard(rows))
@@ -170,17 +174,19 @@ def _end_parent(tracker: Any, run_id: str, status: str, *, reason: str | None = 
         )
 
 
-def _log_comparison(tracker: Any, where: Locations, sweep_id: str, parent_run_id: str) -> None:
+def _log_comparison(
+    tracker: Any, where: Locations, trial_runs: list[Any], parent_run_id: str
+) -> None:
     """``compare.md`` (the table ``python -m orchestration.compare`` prints) and the sweep's
-    charts (``plots/``), beside the sweep and on its parent run."""
-    from orchestration.results.compare import CompareError, load_trials, markdown_table
+    charts (``plots/``) from the sweep's ``trial_runs``, beside the sweep and on its parent
+    run."""
+    from orchestration.results.compare import markdown_table, summarize_runs
     from orchestration.results.sweep_plots import sweep_plots
 
-    try:
-        _, summaries = load_trials(tracker.client, where.experiment, sweep_id=sweep_id)
-    except CompareError as error:  # no trial ever opened a run
-        say(f"no comparison table: {error}")
+    if not trial_runs:
+        say("no comparison table: no trial of the sweep opened an MLflow run")
         return
+    summaries = summarize_runs(trial_runs)
     path = where.output_dir / COMPARISON
     write_text_atomically(path, markdown_table(summaries))
     tracker.log_artifact(parent_run_id, path)
@@ -215,13 +221,13 @@ def _register_models(
         record.write_manifest(manifest)
 
 
-def _all_trials(results: Any, tracker: Any, sweep_id: str) -> list[dict[str, str | None]]:
-    """Each trial's id and MLflow run id (None: it never opened one), from one search of
-    the sweep's trial runs rather than one per trial."""
-    from orchestration.tracking.tags import TAG_KIND, TAG_SWEEP_ID, TAG_TRIAL_ID
+def _all_trials(results: Any, trial_runs: list[Any]) -> list[dict[str, str | None]]:
+    """Each trial's id and MLflow run id (None: it never opened one), from the sweep's
+    ``trial_runs`` (newest first, as MLflow's search returns them)."""
+    from orchestration.tracking.tags import TAG_TRIAL_ID
 
     run_of: dict[str | None, str] = {}
-    for run in tracker.find_runs(**{TAG_SWEEP_ID: sweep_id, TAG_KIND: "trial"}):
+    for run in trial_runs:
         run_of.setdefault(run.data.tags.get(TAG_TRIAL_ID), run.info.run_id)  # newest first
     return [
         {"trial_id": trial_id, "run_id": run_of.get(trial_id)}

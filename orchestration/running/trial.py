@@ -152,9 +152,7 @@ def open_trial_run(
         name=trial_label(dataset.name, params),
         dataset=dataset.name,
         params=all_params,
-        dataset_input=DatasetInput.describe(
-            dataset.name, str(dataset.root), dataset.format, dataset.train_split
-        ),
+        dataset_input=DatasetInput.of(dataset),
         extra_tags={TAG_FORMAT: dataset.format, TAG_METRIC: dataset.ranking_metric},
     )
     return tracker, run_id

@@ -5,6 +5,7 @@ driver's callbacks, restoring a sweep for ``--resume``, Ctrl-C and SIGTERM."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import threading
@@ -171,6 +172,11 @@ def _fit(
     os.environ.update(TUNE_ENV)  # epochs without an evaluation report no score
     for name, value in TUNE_RESULT_FILES_OFF.items():
         os.environ.setdefault(name, value)
+    if os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS") == "1":
+        # Tune's result grid then finds no result files to read into per-trial dataframes,
+        # which nothing here uses (the leaderboard reads each trial's last result), and
+        # would warn once per trial that it could not.
+        logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     storage = Storage(where.storage_root, where.storage_endpoint)
     storage_path, filesystem = storage.ray_storage()
     context = SweepContext(

@@ -359,6 +359,14 @@ class DatasetInput:
     context: str = "training"
 
     @staticmethod
+    def of(dataset: Any) -> DatasetInput:
+        """A sweep's dataset (its ``name``, ``root``, ``format`` and ``train_split``) as the
+        input its trials train on."""
+        return DatasetInput.describe(
+            dataset.name, str(dataset.root), dataset.format, dataset.train_split
+        )
+
+    @staticmethod
     def describe(name: str, root: str, format: str, split: str) -> DatasetInput:
         digest = hashlib.sha256(f"{format}:{root}:{split}".encode()).hexdigest()[:16]
         return DatasetInput(name=f"{name} ({format} {split})", source=str(root), digest=digest)

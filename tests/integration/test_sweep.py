@@ -152,6 +152,10 @@ def test_parent_and_child_runs(finished_sweep, mlflow_server):
     assert parent.info.status == "FINISHED"
     assert parent.data.params["search_space.train.lr"] == f"grid [{GOOD_LR}, {BAD_LR}]"
     assert "versions.torch" in parent.data.params
+    assert sorted(d.dataset.name for d in parent.inputs.dataset_inputs) == [
+        "faces (widerface train)",
+        "shapes (coco train)",
+    ]
     parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"leaderboard.json", "compare.md", "sweep_resolved.yaml", "it-main.yaml"} <= (
         parent_artifacts

@@ -124,6 +124,33 @@ def test_text_formats_carry_every_dataset(store, capsys, fmt):
     assert "0.4200" in out and "0.1000" in out and SIGMA in out
 
 
+def test_a_sweeps_comparison_reads_that_sweeps_runs_only(tmp_path, monkeypatch):
+    """An experiment of nightly sweeps holds thousands of trial runs: ``--sweep`` (and the
+    sweep's own compare.md) must not read every one of them."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestration.results.compare import load_trials
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("nightly")
+    for sweep_id, trials in (("night-1", 3), ("night-2", 12)):
+        for _ in range(trials):
+            tags = {TAG_KIND: "trial", TAG_SWEEP_ID: sweep_id, TAG_DATASET: "shapes"}
+            client.create_run(experiment, tags=tags)
+    read: list[int] = []
+    search_runs = client.search_runs
+
+    def counted(*args, **kwargs):
+        page = search_runs(*args, **kwargs)
+        read.append(len(page))
+        return page
+
+    monkeypatch.setattr(client, "search_runs", counted)
+    _, summaries = load_trials(client, "nightly", sweep_id="night-1")
+    assert [len(s.trials) for s in summaries] == [3]
+    assert sum(read) == 3  # not the 15 trial runs of the experiment
+
+
 def test_names_that_do_not_exist_exit_2_listing_what_does(store, capsys):
     code, _, err = compare(store, capsys, "--by", "train.lr")
     assert code == 2 and SIGMA in err
