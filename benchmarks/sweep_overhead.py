@@ -23,6 +23,12 @@ splits the same way on both:
 The sweep's own time before its first trial (Ray's start, config checks and dataset scans,
 the parent run) and after its last (leaderboard, registry, plots) is printed too, and each
 trial's ranking metric on both sides (the same configs and seeds give the same AP).
+
+On Linux it also prints the CPU time each kind of process took on each side (every
+process's, from ``/proc``, see ``process_cpu.py``), in all and per trial: the Train workers
+against the library runs, and what else the sweep's trials cost (Ray Train's controller and
+synchronization actor, the queue carrying its reports to Tune, the trial drivers, Ray's
+daemons). On two cores that CPU comes out of the training beside it.
 Last line: ``sweep_overhead: sweep S s, library L s, ratio R``.
 
 ``--datasets`` keeps only the named datasets of the sweep (a shorter measurement); overrides
@@ -33,6 +39,7 @@ base.train.milestones=[3]``. Synthetic datasets are written before anything is t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -50,6 +57,8 @@ import yaml
 if TYPE_CHECKING:
     from orchestration.definition.sweep_config import SweepConfig
     from orchestration.running.locations import Locations
+
+from process_cpu import CpuUse, ProcessCpu  # beside this file
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("setup", "training", "eval + checkpoint", "end")
@@ -203,6 +212,32 @@ def run_all_library(
 # ---- report ------------------------------------------------------------------------------------
 
 
+def print_cpu(label: str, cpu: ProcessCpu | None, trials: int, *, least: float = 0.5) -> None:
+    """The CPU each kind of process took, in all and per trial (kinds under ``least``
+    seconds in all are summed in one line)."""
+    if cpu is None:
+        return
+    uses = cpu.by_kind()
+    print(f"{label} CPU by process ({sum(u.seconds for u in uses.values()):.1f} s in all):")
+    rest = CpuUse()
+    for kind, use in uses.items():
+        if use.seconds < least:
+            rest.processes += use.processes
+            rest.seconds += use.seconds
+            continue
+        print(
+            f"  {kind[:48]:48s} x{use.processes:<3d} {use.seconds:7.1f} s"
+            f"  {use.seconds / trials:6.2f} s per trial"
+        )
+    if rest.processes:
+        print(f"  {'(others)':48s} x{rest.processes:<3d} {rest.seconds:7.1f} s")
+
+
+def cpu_sampler() -> ProcessCpu | contextlib.nullcontext:
+    """A :class:`ProcessCpu` where ``/proc`` can be read, else nothing."""
+    return ProcessCpu() if Path("/proc/self/stat").exists() else contextlib.nullcontext()
+
+
 def print_phases(label: str, trials: list[TrialTime]) -> None:
     means = {phase: statistics.mean(t.phases[phase] for t in trials) for phase in PHASES}
     wall = statistics.mean(t.wall for t in trials)
@@ -231,16 +266,18 @@ def main(argv: list[str] | None = None) -> int:
         where = resolve_locations(sweep)  # as the sweep's own process finds them
         write_datasets(sweep)
 
-        launched, exited = run_sweep(sweep_file, overrides, folder / "sweep.txt")
+        with cpu_sampler() as sweep_cpu:
+            launched, exited = run_sweep(sweep_file, overrides, folder / "sweep.txt")
         sweep_seconds = exited - launched
         trials = sweep_trials(where)
         at_once = most_at_once(trials)
         threads = max(1, int(sweep.resources.cpus_per_worker))
         print(f"sweep: {len(trials)} trials, at most {at_once} at once, {sweep_seconds:.1f} s")
 
-        library, library_seconds = run_all_library(
-            trials, where.output_dir, folder / "library", at_once=at_once, threads=threads
-        )
+        with cpu_sampler() as library_cpu:
+            library, library_seconds = run_all_library(
+                trials, where.output_dir, folder / "library", at_once=at_once, threads=threads
+            )
         print(f"library: {len(library)} runs, {at_once} at a time, {library_seconds:.1f} s")
 
         print_phases("sweep", trials)
@@ -252,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
             f"parent run), after its last {exited - last_end:.1f} s (leaderboard, registry, "
             "plots)"
         )
+        print_cpu("sweep", sweep_cpu, len(trials))
+        print_cpu("library", library_cpu, len(library))
         for ours, plain in zip(trials, library):
             print(
                 f"  {ours.label}: {ours.metric_name} sweep {ours.metric:.3f} "
