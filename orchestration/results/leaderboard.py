@@ -15,12 +15,13 @@ from typing import Any
 
 from orchestration.definition.sweep_config import KNOWN_METRICS, SweepConfig
 from orchestration.definition.trial_names import DATASET_KEY, trial_label, trial_params
-from orchestration.tracking.tags import TAG_SWEEP_ID, TAG_TRIAL_ID
 
 
 def build_leaderboard(
-    sweep: SweepConfig, results: Any, *, tracker: Any, sweep_id: str
+    sweep: SweepConfig, results: Any, *, tracker: Any, run_of: Mapping[str, str]
 ) -> list[dict[str, Any]]:
+    """The rows, from Tune's ``results``; ``run_of``: each trial's MLflow run id, by trial id
+    (a trial that never opened a run is missing)."""
     by_dataset: dict[str, list[Any]] = {d.name: [] for d in sweep.datasets}
     for result in results:
         config = result.config or {}
@@ -44,8 +45,7 @@ def build_leaderboard(
         best = max(usable, key=lambda r: r.metrics[metric])
         params = trial_params(best.config)
         trial_id = Path(best.path).name
-        runs = tracker.find_runs(**{TAG_SWEEP_ID: sweep_id, TAG_TRIAL_ID: trial_id})
-        run_id = runs[0].info.run_id if runs else None
+        run_id = run_of.get(trial_id)
         # Train-in-Tune: the last checkpoint's path arrives with the metrics (Ray's
         # TuneReportCallback), not as a Tune checkpoint.
         checkpoint = best.metrics.get("checkpoint_path")

@@ -139,13 +139,13 @@ def _finish(
     from orchestration.tracking.tags import TAG_KIND, TAG_SWEEP_ID
 
     sweep_id, parent_run_id = manifest["sweep_id"], manifest["parent_run_id"]
-    rows = build_leaderboard(sweep, results, tracker=tracker, sweep_id=sweep_id)
-    # One search for all the sweep's trial runs (the manifest and compare.md both need them):
-    # at 1,000 trials each such search reads about 100,000 params, tags and metrics.
+    # One search for all the sweep's trial runs (the leaderboard, the manifest and compare.md
+    # all need them): at 1,000 trials each such search reads about 100,000 params, tags and
+    # metrics.
     trial_runs = tracker.find_runs(**{TAG_SWEEP_ID: sweep_id, TAG_KIND: "trial"})
-    manifest["trials"] = {
-        row["trial_id"]: row["run_id"] for row in _all_trials(results, trial_runs)
-    }
+    run_of = _run_of_trial(trial_runs)
+    rows = build_leaderboard(sweep, results, tracker=tracker, run_of=run_of)
+    manifest["trials"] = {trial_id: run_of.get(trial_id) for trial_id in map(_trial_id_of, results)}
     manifest["status"] = "finishing"
     record.write_manifest(manifest)
     record.write_leaderboard(rows)
@@ -221,18 +221,17 @@ def _register_models(
         record.write_manifest(manifest)
 
 
-def _all_trials(results: Any, trial_runs: list[Any]) -> list[dict[str, str | None]]:
-    """Each trial's id and MLflow run id (None: it never opened one), from the sweep's
-    ``trial_runs`` (newest first, as MLflow's search returns them)."""
+def _run_of_trial(trial_runs: list[Any]) -> dict[str, str]:
+    """Each trial's MLflow run id, by trial id, from the sweep's ``trial_runs`` (newest
+    first, as MLflow's search returns them: a trial's newest run wins)."""
     from orchestration.tracking.tags import TAG_TRIAL_ID
 
-    run_of: dict[str | None, str] = {}
+    run_of: dict[str, str] = {}
     for run in trial_runs:
-        run_of.setdefault(run.data.tags.get(TAG_TRIAL_ID), run.info.run_id)  # newest first
-    return [
-        {"trial_id": trial_id, "run_id": run_of.get(trial_id)}
-        for trial_id in map(_trial_id_of, results)
-    ]
+        trial_id = run.data.tags.get(TAG_TRIAL_ID)
+        if trial_id is not None:
+            run_of.setdefault(trial_id, run.info.run_id)
+    return run_of
 
 
 def _trial_id_of(result: Any) -> str:

@@ -172,7 +172,7 @@ def _fit(
     os.environ.update(TUNE_ENV)  # epochs without an evaluation report no score
     for name, value in TUNE_RESULT_FILES_OFF.items():
         os.environ.setdefault(name, value)
-    if os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS") == "1":
+    if all(os.environ.get(name) == value for name, value in TUNE_RESULT_FILES_OFF.items()):
         # Tune's result grid then finds no result files to read into per-trial dataframes,
         # which nothing here uses (the leaderboard reads each trial's last result), and
         # would warn once per trial that it could not.
