@@ -271,10 +271,27 @@ class ResourcesConfig(_Strict):
     """How Ray places a trial's workers (Ray Train's ``ScalingConfig.placement_strategy``):
     ``PACK`` on as few nodes as possible, ``SPREAD`` over as many as it can (losing a node
     then takes fewer of them); the ``STRICT_`` forms wait rather than place otherwise."""
+    runner: Literal["ray_train", "trial"] = "ray_train"
+    """Where a trial trains. ``ray_train``: a Ray Train ``TorchTrainer`` worker group started
+    for the trial (any number of workers; Train restarts a crashed one). ``trial``: the
+    trial's own Ray Tune process runs the one worker itself (``workers_per_trial: 1`` only):
+    no Train controller, synchronization or report-queue actor per trial, and a process Tune
+    reuses keeps its imports; after a crash Tune starts the trial again from its last
+    checkpoint. For small trials on a small machine, where those actors' CPU comes out of the
+    training (see the README's overhead section)."""
 
     @property
     def use_gpu(self) -> bool:
         return self.gpus_per_worker > 0
+
+    @model_validator(mode="after")
+    def _one_worker_in_a_trial_process(self) -> ResourcesConfig:
+        if self.runner == "trial" and self.workers_per_trial != 1:
+            raise ValueError(
+                f"runner 'trial' trains in the trial's own process, one worker; "
+                f"workers_per_trial is {self.workers_per_trial} (use runner: ray_train)"
+            )
+        return self
 
 
 class TrackingConfig(_Strict):

@@ -47,8 +47,10 @@ def build_leaderboard(
         trial_id = Path(best.path).name
         run_id = run_of.get(trial_id)
         # Train-in-Tune: the last checkpoint's path arrives with the metrics (Ray's
-        # TuneReportCallback), not as a Tune checkpoint.
+        # TuneReportCallback); a trial that trained in its own process has a Tune checkpoint.
         checkpoint = best.metrics.get("checkpoint_path")
+        if not checkpoint and getattr(best, "checkpoint", None) is not None:
+            checkpoint = best.checkpoint.path
         if checkpoint and sweep.storage.is_s3 and not checkpoint.startswith("s3://"):
             checkpoint = f"s3://{checkpoint}"
         winner = Winner(best.metrics, params, run_id, _run_url(tracker, run_id), checkpoint)

@@ -61,7 +61,12 @@ def format_plan(sweep: SweepConfig, scans: dict[str, str], where: Locations) -> 
         f"search: {sweep.search.algorithm}, {sweep.search.num_samples} sample(s) per grid "
         f"point, scheduler {sweep.search.scheduler.type}",
         f"resources per trial: {res.workers_per_trial} worker(s) x ({res.cpus_per_worker:g} CPU"
-        f", {res.gpus_per_worker:g} GPU)",
+        f", {res.gpus_per_worker:g} GPU), "
+        + (
+            "trained in the trial's own process"
+            if res.runner == "trial"
+            else "a Ray Train worker group"
+        ),
         f"max concurrent trials: {sweep.search.max_concurrent_trials or 'from the cluster'}",
         f"storage: {redact(where.storage_root)}"
         + (f" (endpoint {where.storage_endpoint})" if where.storage_endpoint else ""),

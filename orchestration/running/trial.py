@@ -165,16 +165,16 @@ def train_run_name(sweep_id: str, trial_id: str) -> str:
 
 
 def run_trial(tune_config: dict[str, Any], context: SweepContext) -> None:
-    """The Tune trainable: every epoch reaches Tune through the workers' reports; raises when
-    the trial failed (so Tune marks it ERROR with the reason)."""
-    import ray.train
-    import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
+    """The Tune trainable: every epoch reaches Tune through the worker's reports; raises when
+    the trial failed (so Tune marks it ERROR with the reason).
 
-    from orchestration.running.lean_trainer import torch_trainer_class
+    The training runs in a Ray Train worker group (``resources.runner: ray_train``) or in this
+    process (``trial``); either way the trial's MLflow run is opened before and ended after.
+    """
+    import ray.tune
+
     from orchestration.running.storage import Storage
-    from orchestration.running.worker import train_loop
-    from orchestration.tracking.tags import TAG_CHECKPOINT, TAG_FAILURE_FINAL, TAG_FAILURE_LAUNCH
+    from orchestration.tracking.tags import TAG_CHECKPOINT, TAG_FAILURE_FINAL
 
     sweep = context.sweep_config()
     dataset = sweep.dataset(tune_config[DATASET_KEY])
@@ -193,8 +193,51 @@ def run_trial(tune_config: dict[str, Any], context: SweepContext) -> None:
             params=params,
             experiment=experiment,
         )
-
+    loop_config = {
+        "experiment": experiment.model_dump(mode="json"),
+        "work_dir": str(work_dir),
+        "ranking_metric": dataset.ranking_metric,
+        "tracking_uri": context.tracking_uri,
+        "run_id": run_id,
+        "tracking_wait_s": context.tracking_wait_s,
+    }
     storage = Storage(context.storage_root, context.storage_endpoint)
+    train = _train_in_this_process if sweep.resources.runner == "trial" else _train_with_ray_train
+    nonfinite, checkpoint = train(
+        loop_config, context, sweep, trial_id, storage, tracker=tracker, run_id=run_id
+    )
+    if nonfinite is not None:
+        _record_failure(tracker, run_id, nonfinite, {TAG_FAILURE_FINAL: "true"})
+        raise TrialFailure(nonfinite)
+    if tracker is not None and run_id is not None:
+        # A worker that hit a non-finite loss ended the run FAILED itself (see worker.py).
+        reason = tracker.failure_reason(run_id)
+        if reason is not None:
+            raise TrialFailure(reason)
+        if checkpoint is not None:
+            tracker.set_tags(run_id, {TAG_CHECKPOINT: _checkpoint_uri(storage, checkpoint)})
+        tracker.end_run(run_id, "FINISHED")
+
+
+def _train_with_ray_train(
+    loop_config: dict[str, Any],
+    context: SweepContext,
+    sweep: SweepConfig,
+    trial_id: str,
+    storage: Any,
+    *,
+    tracker: Any,
+    run_id: str | None,
+) -> tuple[str | None, Any]:
+    """The trial's ``TorchTrainer``, whose every report ``TuneReportCallback`` forwards to
+    Tune; returns (the non-finite loss reason or None, the last checkpoint or None)."""
+    import ray.train
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from orchestration.running.lean_trainer import torch_trainer_class
+    from orchestration.running.worker import train_loop
+    from orchestration.tracking.tags import TAG_FAILURE_LAUNCH
+
     storage_path, filesystem = storage.ray_storage()
     resources = sweep.resources
     per_worker = {"CPU": resources.cpus_per_worker}
@@ -202,14 +245,7 @@ def run_trial(tune_config: dict[str, Any], context: SweepContext) -> None:
         per_worker["GPU"] = resources.gpus_per_worker
     trainer = torch_trainer_class(placement_group_cleaner=context.placement_group_cleaner)(
         train_loop,
-        train_loop_config={
-            "experiment": experiment.model_dump(mode="json"),
-            "work_dir": str(work_dir),
-            "ranking_metric": dataset.ranking_metric,
-            "tracking_uri": context.tracking_uri,
-            "run_id": run_id,
-            "tracking_wait_s": context.tracking_wait_s,
-        },
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.workers_per_trial,
             use_gpu=resources.use_gpu,
@@ -221,11 +257,7 @@ def run_trial(tune_config: dict[str, Any], context: SweepContext) -> None:
             storage_path=f"{storage_path}/{context.sweep_id}/train",
             storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=resources.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=sweep.storage.num_to_keep,
-                checkpoint_score_attribute="score",
-                checkpoint_score_order="max",
-            ),
+            checkpoint_config=checkpoint_config(sweep, ray.train.CheckpointConfig),
             callbacks=[TuneReportCallback()],
         ),
     )
@@ -243,19 +275,46 @@ def run_trial(tune_config: dict[str, Any], context: SweepContext) -> None:
         _record_failure(tracker, run_id, reason, {})
         raise
     metrics = dict(result.metrics or {})
-    if NONFINITE_KEY in metrics:
-        reason = metrics[NONFINITE_KEY]
-        _record_failure(tracker, run_id, reason, {TAG_FAILURE_FINAL: "true"})
-        raise TrialFailure(reason)
-    if tracker is not None and run_id is not None:
-        # A worker that hit a non-finite loss ended the run FAILED itself (see worker.py).
-        reason = tracker.failure_reason(run_id)
-        if reason is not None:
-            raise TrialFailure(reason)
-        checkpoint = result.checkpoint
-        if checkpoint is not None:
-            tracker.set_tags(run_id, {TAG_CHECKPOINT: _checkpoint_uri(storage, checkpoint)})
-        tracker.end_run(run_id, "FINISHED")
+    return metrics.get(NONFINITE_KEY), result.checkpoint
+
+
+def _train_in_this_process(
+    loop_config: dict[str, Any],
+    context: SweepContext,
+    sweep: SweepConfig,
+    trial_id: str,
+    storage: Any,
+    *,
+    tracker: Any,
+    run_id: str | None,
+) -> tuple[str | None, Any]:
+    """The one worker in this Tune process (``resources.runner: trial``), reporting to Tune
+    itself; returns (the non-finite loss reason or None, the last checkpoint or None).
+
+    A failure is recorded in the run without ending its retries: Tune starts the trial again
+    (``resources.max_failures`` times, as Ray Train would restart its worker) from the last
+    checkpoint Tune registered.
+    """
+    import ray.tune
+
+    from orchestration.running.worker import train_loop, tune_reporting
+
+    try:
+        nonfinite = train_loop(loop_config, tune_reporting())
+    except Exception as error:
+        _record_failure(tracker, run_id, first_line(error), {})
+        raise
+    return nonfinite, ray.tune.get_checkpoint()
+
+
+def checkpoint_config(sweep: SweepConfig, config_class: Any) -> Any:
+    """The checkpoints a trial keeps (``storage.num_to_keep``, the best by score and the
+    latest), as Ray Train's or Ray Tune's ``CheckpointConfig``."""
+    return config_class(
+        num_to_keep=sweep.storage.num_to_keep,
+        checkpoint_score_attribute="score",
+        checkpoint_score_order="max",
+    )
 
 
 def _record_failure(tracker: Any, run_id: str | None, reason: str, tags: dict[str, str]) -> None:

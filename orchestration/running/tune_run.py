@@ -19,8 +19,17 @@ from orchestration.running.sweep_output import SweepOutput, say
 from orchestration.running.termination import released_on_sigterm
 
 DRIVER_RESOURCES = {"cpu": 0, "memory": 1}
+"""What each trial's Tune driver asks of Ray when Ray Train runs its workers (bytes of logical
+memory): the workers ask for the CPUs and GPUs."""
 
-"""What each trial's Tune driver asks of Ray (bytes of logical memory)."""
+
+def trial_resources(sweep: SweepConfig) -> dict[str, float]:
+    """What each trial's Tune process asks of Ray: :data:`DRIVER_RESOURCES`, or the one
+    worker's CPUs and GPUs when it trains itself (``resources.runner: trial``)."""
+    res = sweep.resources
+    if res.runner != "trial":
+        return DRIVER_RESOURCES
+    return {"cpu": res.cpus_per_worker, "gpu": res.gpus_per_worker}
 
 
 def fit_on_ray(
@@ -166,7 +175,12 @@ def _fit(
     from orchestration.definition.search_space import param_space
     from orchestration.definition.trial_names import trial_label, trial_params
     from orchestration.running.storage import Storage
-    from orchestration.running.trial import SweepContext, run_trial, trial_failure_config
+    from orchestration.running.trial import (
+        SweepContext,
+        checkpoint_config,
+        run_trial,
+        trial_failure_config,
+    )
     from orchestration.tracking.run_closing import RunCloser
 
     os.environ.update(TUNE_ENV)  # epochs without an evaluation report no score
@@ -191,10 +205,11 @@ def _fit(
         # The embedded local Ray runs without its dashboard (see _init_ray).
         placement_group_cleaner=bool(where.ray_address),
     )
-    # The trial driver holds no CPU, so the Train workers can take all of them; Ray refuses
-    # an empty request, hence a token amount of (logical) memory.
+    # A trial driver of Train workers holds no CPU, so the workers can take all of them; Ray
+    # refuses an empty request, hence a token amount of (logical) memory.
+    resources = DRIVER_RESOURCES if trial_function else trial_resources(sweep)
     trainable = tune.with_parameters(
-        tune.with_resources(trial_function or run_trial, DRIVER_RESOURCES), context=context
+        tune.with_resources(trial_function or run_trial, resources), context=context
     )
     run_config = tune.RunConfig(
         name=sweep_id,
@@ -202,6 +217,8 @@ def _fit(
         storage_filesystem=filesystem,
         callbacks=[RunCloser(tracker, sweep_id), trial_progress(sweep)],
         failure_config=trial_failure_config(sweep),
+        # Checkpoints Tune keeps itself: those of trials that train in their own process.
+        checkpoint_config=checkpoint_config(sweep, tune.CheckpointConfig),
         verbose=1 if verbose else 0,  # 1: Tune's trial table every 30 s
     )
     experiment_path = f"{storage_path}/{sweep_id}"

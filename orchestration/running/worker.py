@@ -15,6 +15,10 @@ metrics into
 After a worker dies, Ray Train starts new workers and ``ray.train.get_checkpoint()`` hands
 back the last reported checkpoint; training continues from it exactly (weights, optimizer,
 schedule position, RNG states) into the same MLflow run.
+
+The same loop runs in the trial's own Ray Tune process when the sweep asks for
+``resources.runner: trial`` (:func:`tune_reporting`): its reports and checkpoints then go to
+Tune directly, and a restarted trial continues from ``ray.tune.get_checkpoint()``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from __future__ import annotations
 import logging
 import math
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +59,46 @@ class WarningsForTheDriver(logging.Handler):
         return messages
 
 
+@dataclass(frozen=True)
+class Reporting:
+    """Where a worker's epochs and checkpoints go, and where a restart finds its checkpoint:
+    Ray Train (:func:`train_reporting`) or Ray Tune (:func:`tune_reporting`)."""
+
+    report: Callable[..., None]
+    """``report(metrics, checkpoint=None)``."""
+    get_checkpoint: Callable[[], Any]
+    """The last reported checkpoint (a ``ray.train.Checkpoint``), or None on a first start."""
+    checkpoint_from_directory: Callable[[str], Any]
+    """The checkpoint class ``report`` takes, made from a local folder."""
+    rank: int
+    """This worker's rank in the trial's worker group (0 in a trial's own process)."""
+
+
+def train_reporting() -> Reporting:
+    """A Ray Train worker's: ``ray.train.report`` to the trial's Train controller."""
+    import ray.train
+
+    return Reporting(
+        report=ray.train.report,
+        get_checkpoint=ray.train.get_checkpoint,
+        checkpoint_from_directory=ray.train.Checkpoint.from_directory,
+        rank=ray.train.get_context().get_world_rank(),
+    )
+
+
+def tune_reporting() -> Reporting:
+    """A Tune trial's own process: ``ray.tune.report`` straight to Tune, which persists the
+    checkpoint in the sweep's storage and keeps ``storage.num_to_keep`` of them."""
+    import ray.tune
+
+    return Reporting(
+        report=ray.tune.report,
+        get_checkpoint=ray.tune.get_checkpoint,
+        checkpoint_from_directory=ray.tune.Checkpoint.from_directory,
+        rank=0,
+    )
+
+
 class RayReporter(Callback):
     """Reports each epoch to Ray Train (all ranks report; rank 0 attaches the checkpoint).
 
@@ -72,8 +118,12 @@ class RayReporter(Callback):
             report that must carry the key; the sweep's ASHA ignores a NaN).
     """
 
-    def __init__(self, ranking_metric: str, *, keep_local: int = 1):
+    def __init__(
+        self, ranking_metric: str, *, keep_local: int = 1, reporting: Reporting | None = None
+    ):
         self.ranking_metric = ranking_metric
+        self.reporting = reporting
+        """Where the reports go; None: Ray Train's (looked up at the first report)."""
         self.keep_local = keep_local
         self.pending_checkpoint: Path | None = None
         self.score = math.nan
@@ -88,10 +138,10 @@ class RayReporter(Callback):
         self.pending_checkpoint = Path(path)
 
     def on_epoch_end(self, state: TrainState, metrics: dict[str, float]) -> None:
-        import ray.train
-
+        if self.reporting is None:
+            self.reporting = train_reporting()
         self.score = self._score_of(metrics)
-        report: dict[str, Any] = {
+        epoch_report: dict[str, Any] = {
             "epoch": state.epochs_completed,
             "iteration": state.iteration,
             **({} if math.isnan(self.score) else {"score": self.score}),
@@ -103,8 +153,8 @@ class RayReporter(Callback):
         }
         checkpoint = None
         if self.pending_checkpoint is not None and state.is_main_process:
-            checkpoint = ray.train.Checkpoint.from_directory(str(self.pending_checkpoint))
-        ray.train.report(report, checkpoint=checkpoint)
+            checkpoint = self.reporting.checkpoint_from_directory(str(self.pending_checkpoint))
+        self.reporting.report(epoch_report, checkpoint=checkpoint)
         self.resumed_from = None
         if self.pending_checkpoint is not None and state.is_main_process:
             self._prune_local(self.pending_checkpoint)
@@ -128,25 +178,41 @@ class RayReporter(Callback):
             shutil.rmtree(self.reported_dirs.pop(0), ignore_errors=True)
 
 
-def train_loop(loop_config: dict[str, Any]) -> None:
-    """The ``train_loop_per_worker`` of a trial (see the module docstring).
+def train_loop(loop_config: dict[str, Any], reporting: Reporting | None = None) -> str | None:
+    """The ``train_loop_per_worker`` of a trial (see the module docstring); returns the
+    reason when the loss went non-finite (the loop then ends with a report, not an error).
 
     ``loop_config`` keys: ``experiment`` (the ExperimentConfig as plain data), ``work_dir``
     (rank 0's local folder), ``ranking_metric``, and, when tracking, ``tracking_uri``,
     ``run_id`` and ``tracking_wait_s`` (how long an unreachable server is waited out).
+    ``reporting``: where the epochs go, Ray Train's when None.
     """
-    import ray.train
-
-    from orchestration.tracking.trial_logging import MlflowTrialLogger
-
+    reporting = reporting or train_reporting()
     config = ExperimentConfig.model_validate(loop_config["experiment"])
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
+    rank = reporting.rank
     work_dir = Path(loop_config["work_dir"])
-    reporter = RayReporter(loop_config["ranking_metric"])
+    reporter = RayReporter(loop_config["ranking_metric"], reporting=reporting)
     if rank == 0:
         reporter.warnings = WarningsForTheDriver()
         logging.getLogger().addHandler(reporter.warnings)
+    try:
+        return _train(config, loop_config, reporting, reporter, work_dir)
+    finally:
+        # A trial's own process trains the next trial too (Tune reuses it).
+        if reporter.warnings is not None:
+            logging.getLogger().removeHandler(reporter.warnings)
+
+
+def _train(
+    config: ExperimentConfig,
+    loop_config: dict[str, Any],
+    reporting: Reporting,
+    reporter: RayReporter,
+    work_dir: Path,
+) -> str | None:
+    from orchestration.tracking.trial_logging import MlflowTrialLogger
+
+    rank = reporting.rank
     callbacks: list[Callback] = [reporter]
     logger = None
     if rank == 0 and loop_config.get("run_id"):
@@ -167,7 +233,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     )
     if logger is not None:
         logger.trainer = trainer
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = reporting.get_checkpoint()
     try:
         if checkpoint is not None:
             with checkpoint.as_directory() as directory:
@@ -181,10 +247,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         # the MLflow run FAILED with the reason, which is where the trial driver looks.
         if logger is not None:
             logger.fail(str(error))
-        ray.train.report(
+        reporting.report(
             {
                 NONFINITE_KEY: str(error),
                 "epoch": trainer.state.epochs_completed,
                 **({} if math.isnan(reporter.score) else {"score": reporter.score}),
             }
         )
+        return str(error)
+    return None

@@ -1,5 +1,6 @@
 """Failures caused for real while a sweep runs: a SIGKILLed Ray Train worker, a SIGKILLed
-Tune trial driver, a SIGKILLed sweep driver (then ``--resume``), and the MLflow server down
+Tune trial driver, a SIGKILLed trial process that trains itself (``resources.runner: trial``),
+a SIGKILLed sweep driver (then ``--resume``), and the MLflow server down
 for 30 s; then the MLflow server stopped under the sweep driver's run closing and under a
 trial's start.
 
@@ -80,14 +81,22 @@ def assert_each_step_once(client, run_id: str, key: str, expected: list[int]) ->
     assert sorted(steps) == expected, f"{key}: {steps}"
 
 
-def past_the_first_checkpoint(client, s3_server, sweep: str):
+def tune_checkpoints(s3_server, sweep: str) -> list[str]:
+    """The checkpoint folders Tune persisted for the sweep's trials that train in their own
+    process (``ray/<sweep id>/<trial id>/checkpoint_NNNNNN/``; Ray Train's are under
+    ``train/``)."""
+    keys = s3_server.keys(f"ray/{sweep}-")
+    return sorted({k.rsplit("/", 1)[0] for k in keys if "/checkpoint_" in k and "/train/" not in k})
+
+
+def past_the_first_checkpoint(client, s3_server, sweep: str, checkpointed=registered_checkpoints):
     """The trial run that is into its second epoch, with its first epoch's checkpoint
-    registered by Ray, or None."""
+    stored (``checkpointed``: Ray Train's registered ones by default), or None."""
     for r in trial_runs(client, sweep):
         epochs = epochs_logged(client, r.info.run_id)
         steps = [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")]
         past_first_checkpoint = epochs and max(steps) >= epochs[0][0] + 2
-        if past_first_checkpoint and registered_checkpoints(s3_server, sweep):
+        if past_first_checkpoint and checkpointed(s3_server, sweep):
             return r
     return None
 
@@ -106,9 +115,12 @@ def assert_three_epochs_once_from_a_restore(client, run_id: str, log: str) -> No
     assert len(starts) >= 2 and not starts[-1].rstrip().endswith("starting at iteration 0")
 
 
-def kill_after_the_first_checkpoint(sweep_runner, mlflow_server, s3_server, name, victims):
-    """Run a one-trial, three-epoch sweep and SIGKILL ``victims()`` (pids, at least one)
-    mid-epoch, once Ray registered the first epoch's checkpoint; wait for the sweep to end.
+def kill_after_the_first_checkpoint(
+    sweep_runner, mlflow_server, s3_server, name, victims, runner="ray_train"
+):
+    """Run a one-trial, three-epoch sweep (``resources.runner``: ``runner``) and SIGKILL
+    ``victims()`` (pids, at least one) mid-epoch, once Ray registered the first epoch's
+    checkpoint; wait for the sweep to end.
 
     Returns the sweep's exit status and log, the MLflow client and the trial's run.
     """
@@ -121,6 +133,8 @@ def kill_after_the_first_checkpoint(sweep_runner, mlflow_server, s3_server, name
         datasets=[synthetic(f"{name}-shapes", "coco", folder, images=16, classes=2)],
         epochs=3,
     )
+    config["resources"]["runner"] = runner
+    checkpointed = tune_checkpoints if runner == "trial" else registered_checkpoints
     path = sweep_runner.write(name, config)
     process = sweep_runner.start(path)
     client = mlflow_server.client()
@@ -133,7 +147,7 @@ def kill_after_the_first_checkpoint(sweep_runner, mlflow_server, s3_server, name
         # trial driver -> Tune driver, and killing the trial driver before it arrives
         # would (rightly) leave no epoch-1 line to assert on.
         shown = re.search(r"^\S+  epoch 1/3  ", terminal.read_text(), re.M)
-        return shown and past_the_first_checkpoint(client, s3_server, name)
+        return shown and past_the_first_checkpoint(client, s3_server, name, checkpointed)
 
     try:
         run = wait_until(first_epoch_shown_and_checkpointed, timeout=300, what="the second epoch")
@@ -192,6 +206,35 @@ def test_killed_trial_driver_is_started_again_by_tune_into_the_same_run(
         sweep_runner, mlflow_server, s3_server, name, the_driver
     )
     assert_one_finished_run_restored(client, name, run, code, log, sweep_runner.folder)
+
+
+def test_a_trial_training_in_its_own_process_is_started_again_from_its_checkpoint(
+    sweep_runner, mlflow_server, s3_server
+):
+    """``resources.runner: trial``: the trial's Tune process is its one worker (no Ray Train
+    controller or worker group). SIGKILLed after its first checkpoint, Tune starts the trial
+    again from the checkpoint it registered, into the same MLflow run, whose checkpoint tag
+    then names a checkpoint Tune kept on S3."""
+    seen_train_workers: list[int] = []
+
+    def the_trial_process():
+        seen_train_workers.extend(train_worker_pids() + pids_of("ray::TrainController"))
+        processes = trial_driver_pids()
+        assert len(processes) == 1, f"trial processes: {processes}"
+        return processes
+
+    name = "it-trial-process-kill"
+    code, log, client, run = kill_after_the_first_checkpoint(
+        sweep_runner, mlflow_server, s3_server, name, the_trial_process, runner="trial"
+    )
+    assert seen_train_workers == []
+    assert_one_finished_run_restored(client, name, run, code, log, sweep_runner.folder)
+    uri = client.get_run(run.info.run_id).data.tags["autoassign.checkpoint_uri"]
+    kept = tune_checkpoints(s3_server, name)
+    assert uri in [f"s3://{BUCKET}/{folder}" for folder in kept], (uri, kept)
+    assert uri.endswith("/checkpoint_000002")  # the last epoch's, after the restart
+    board = json.loads((sweep_runner.folder / name / "leaderboard.json").read_text())
+    assert board[0]["checkpoint"] == uri
 
 
 def test_resume_after_the_driver_was_killed(sweep_runner, mlflow_server, s3_server):

@@ -31,7 +31,7 @@ from orchestration.definition.config_loading import load_sweep_config
 from orchestration.definition.evaluated_rungs import asha_rungs
 from orchestration.definition.schedulers import TUNE_ENV, build_scheduler
 from orchestration.definition.sweep_config import SchedulerConfig
-from orchestration.running.worker import RayReporter
+from orchestration.running.worker import RayReporter, Reporting
 
 REPO = Path(__file__).resolve().parents[2]
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
@@ -186,14 +186,18 @@ def test_tune_ends_the_sweep_on_a_result_without_score_unless_told_not_to(monkey
     TuneController._validate_result_metrics(controller, unevaluated)
 
 
-def test_an_epoch_without_evaluation_reports_no_score(monkeypatch):
-    """``ray.train.report`` only works inside a Ray Train worker, so it is replaced here by
-    one that keeps what it was given; everything before it is the reporter's own code."""
+def test_an_epoch_without_evaluation_reports_no_score():
+    """``ray.train.report`` only works inside a Ray Train worker (and ``ray.tune.report``
+    inside a trial), so the reporter is given one that keeps what it was given; everything
+    before it is the reporter's own code."""
     reports = []
-    monkeypatch.setattr(
-        "ray.train.report", lambda metrics, checkpoint=None: reports.append(metrics)
+    reporting = Reporting(
+        report=lambda metrics, checkpoint=None: reports.append(metrics),
+        get_checkpoint=lambda: None,
+        checkpoint_from_directory=lambda path: path,
+        rank=0,
     )
-    reporter = RayReporter("bbox_mAP")
+    reporter = RayReporter("bbox_mAP", reporting=reporting)
     state = TrainState(epoch_losses={"loss": 1.25})
     for epoch, metrics in ((1, {}), (2, {"bbox_mAP": 0.31, "bbox_mAP_50": 0.5}), (3, {})):
         state.epoch, state.epochs_completed, state.iteration = epoch - 1, epoch, 10 * epoch

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from autoassign.data.synthetic import write_synthetic
 from orchestration.definition.config_loading import load_sweep_config
@@ -119,6 +120,26 @@ def test_unknown_nested_key(tmp_path):
 def test_wrong_type(tmp_path):
     message = bad_config(tmp_path, GOOD + "resources:\n  workers_per_trial: two\n")
     assert "bad.yaml: resources.workers_per_trial: Input should be a valid integer" in message
+
+
+def test_a_trial_that_trains_in_its_own_process_has_one_worker(tmp_path):
+    text = GOOD + "resources:\n  workers_per_trial: 2\n  runner: trial\n"
+    message = bad_config(tmp_path, text)
+    assert "bad.yaml: resources: runner 'trial' trains in the trial's own process" in message
+    assert "workers_per_trial is 2" in message
+    message = bad_config(tmp_path, GOOD + "resources:\n  runner: workers\n")
+    assert "bad.yaml: resources.runner: Input should be 'ray_train' or 'trial'" in message
+
+
+def test_what_a_trial_asks_of_ray_follows_where_it_trains():
+    from orchestration.definition.sweep_config import SweepConfig
+    from orchestration.running.tune_run import DRIVER_RESOURCES, trial_resources
+
+    config = yaml.safe_load(GOOD)
+    config["resources"] = {"cpus_per_worker": 2, "gpus_per_worker": 0.5}
+    assert trial_resources(SweepConfig.model_validate(config)) == DRIVER_RESOURCES
+    config["resources"]["runner"] = "trial"
+    assert trial_resources(SweepConfig.model_validate(config)) == {"cpu": 2, "gpu": 0.5}
 
 
 def test_search_key_naming_no_field_lists_the_known_ones(tmp_path):
@@ -260,6 +281,7 @@ def test_dry_run_of_the_demo_prints_the_plan_and_writes_nothing(tmp_path):
     ]:
         assert f"  {name} ({name}, ranked by {metric}): 2 trials;" in plan
     assert "model.center_prior.sigma_init: grid [1.0, 1.5]" in plan
+    assert "resources per trial: 1 worker(s) x (1 CPU, 0 GPU), trained in the trial's" in plan
     assert f"storage: {out / 'ray'}" in plan
     assert f"tracking: sqlite:///{out / 'mlflow.db'} (experiment 'demo')" in plan
     assert f"output: {out}" in plan
