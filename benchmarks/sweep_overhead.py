@@ -25,10 +25,12 @@ the parent run) and after its last (leaderboard, registry, plots) is printed too
 trial's ranking metric on both sides (the same configs and seeds give the same AP).
 
 On Linux it also prints the CPU time each kind of process took on each side (every
-process's, from ``/proc``, see ``process_cpu.py``), in all and per trial: the Train workers
-against the library runs, and what else the sweep's trials cost (Ray Train's controller and
+process's, from ``/proc``, see ``process_cpu.py``), in all and per trial: the processes that
+train (the Train workers, or the trial processes under ``resources.runner: trial``) against
+the library runs, and what else the sweep's trials cost (Ray Train's controller and
 synchronization actor, the queue carrying its reports to Tune, the trial drivers, Ray's
-daemons). On two cores that CPU comes out of the training beside it.
+daemons). On two cores that CPU comes out of the training beside it. Compare the two
+runners with ``resources.runner=ray_train`` (the demo's is ``trial``).
 Last line: ``sweep_overhead: sweep S s, library L s, ratio R``.
 
 ``--datasets`` keeps only the named datasets of the sweep (a shorter measurement); overrides
