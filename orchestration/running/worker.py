@@ -1,4 +1,5 @@
-"""What each Ray Train worker of a trial runs: the library's one training loop, plus reporting.
+"""What trains in a trial (each Ray Train worker, or the trial's own process): the library's
+one training loop, plus reporting.
 
 ``train_loop(loop_config)`` is the ``train_loop_per_worker`` of every trial's
 ``TorchTrainer``. It rebuilds the trial's :class:`~autoassign.config.ExperimentConfig`, runs
@@ -100,7 +101,7 @@ def tune_reporting() -> Reporting:
 
 
 class RayReporter(Callback):
-    """Reports each epoch to Ray Train (all ranks report; rank 0 attaches the checkpoint).
+    """Reports each epoch to Ray Train or Tune (all ranks report; rank 0 attaches the checkpoint).
 
     Reported keys: ``epoch`` (epochs completed, Tune's time axis), ``iteration``,
     ``train/<loss>`` (epoch means), and on an evaluated epoch the evaluation metrics and
