@@ -277,6 +277,23 @@ def _refusal(name: str, owner_words: str, identity: DatasetIdentity) -> str:
     )
 
 
+def _set_best(client: Any, name: str, version: str) -> bool:
+    """Point ``best`` at ``version``; False when the store refused because another registrant
+    wrote the alias at the same moment (MLflow's SQL stores read, then insert the alias row:
+    two writers can both insert, and the second breaks the row's unique key; seen on SQLite
+    with two sweeps registering at once)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.set_registered_model_alias(name, BEST_ALIAS, version)
+        return True
+    except MlflowException as error:
+        text = str(error).lower()
+        if "unique constraint" in text or "duplicate key" in text:
+            return False
+        raise
+
+
 def _settle_best(
     client: Any, name: str, identity: DatasetIdentity, mine: str, value: float
 ) -> tuple[str, bool]:
@@ -301,7 +318,8 @@ def _settle_best(
             break
         if holder is not None and str(holder.version) not in {str(v.version) for v in versions}:
             continue  # best went to a version created after our listing: list again
-        client.set_registered_model_alias(name, BEST_ALIAS, winner.version)
+        if not _set_best(client, name, winner.version):
+            continue  # another registrant set best at the same moment: list again
     winner_version, winner_value = str(winner.version), _value_of(winner)
     others = [v for v in contenders if str(v.version) != mine]
     if winner_version == mine:

@@ -140,6 +140,53 @@ def test_a_late_write_of_a_worse_sweep_does_not_keep_best(store, checkpoints):
     assert late.comparison == "bbox_mAP 0.4000 <= 0.5000 of version 3, which is best"
 
 
+class RacedClient:
+    """A real ``MlflowClient`` whose first ``set_registered_model_alias`` loses a race:
+    ``competitor()`` registers from start to end first (for real), then the store refuses this
+    write the way SQLite did when two processes set the alias at once (its unique key on the
+    alias row). That timing cannot be forced for real, so the refusal is raised by hand, with
+    the message a real race produced."""
+
+    REFUSAL = (
+        "(sqlite3.IntegrityError) UNIQUE constraint failed: registered_model_aliases.workspace,"
+        " registered_model_aliases.name, registered_model_aliases.alias"
+    )
+
+    def __init__(self, client: Any, competitor):
+        self._client, self._competitor, self._raced = client, competitor, False
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if name != "set_registered_model_alias" or self._raced:
+            return attribute
+
+        def raced_call(*args, **kwargs):
+            from mlflow.exceptions import MlflowException
+
+            self._raced = True
+            self._competitor()
+            raise MlflowException(self.REFUSAL, error_code="BAD_REQUEST")
+
+        return raced_call
+
+
+def test_an_alias_write_refused_by_a_concurrent_one_is_settled_again(store, checkpoints):
+    from mlflow.tracking import MlflowClient
+
+    uri, client, _ = store
+    sweep(store, client, checkpoints["a"], 0.30)  # version 1 holds best
+    competitor = []
+    raced = RacedClient(
+        MlflowClient(uri),
+        lambda: competitor.extend(sweep(store, MlflowClient(uri), checkpoints["c"], 0.50)),
+    )
+    (mine,) = sweep(store, raced, checkpoints["b"], 0.40)  # no error: it lists again
+    assert (mine.version, competitor[0].version) == ("2", "3")
+    assert best(client) == "3"
+    assert competitor[0].became_best and not mine.became_best
+    assert mine.comparison == "bbox_mAP 0.4000 <= 0.5000 of version 3, which is best"
+
+
 def test_two_datasets_claiming_a_model_from_before_identities_at_once(store, checkpoints, capsys):
     from mlflow.tracking import MlflowClient
 
