@@ -202,10 +202,12 @@ def run_trial(tune_config: dict[str, Any], context: SweepContext) -> None:
         "tracking_wait_s": context.tracking_wait_s,
     }
     storage = Storage(context.storage_root, context.storage_endpoint)
-    train = _train_in_this_process if sweep.resources.runner == "trial" else _train_with_ray_train
-    nonfinite, checkpoint = train(
-        loop_config, context, sweep, trial_id, storage, tracker=tracker, run_id=run_id
-    )
+    if sweep.resources.runner == "trial":
+        nonfinite, checkpoint = _train_in_this_process(loop_config, tracker=tracker, run_id=run_id)
+    else:
+        nonfinite, checkpoint = _train_with_ray_train(
+            loop_config, context, sweep, trial_id, storage, tracker=tracker, run_id=run_id
+        )
     if nonfinite is not None:
         _record_failure(tracker, run_id, nonfinite, {TAG_FAILURE_FINAL: "true"})
         raise TrialFailure(nonfinite)
@@ -279,14 +281,7 @@ def _train_with_ray_train(
 
 
 def _train_in_this_process(
-    loop_config: dict[str, Any],
-    context: SweepContext,
-    sweep: SweepConfig,
-    trial_id: str,
-    storage: Any,
-    *,
-    tracker: Any,
-    run_id: str | None,
+    loop_config: dict[str, Any], *, tracker: Any, run_id: str | None
 ) -> tuple[str | None, Any]:
     """The one worker in this Tune process (``resources.runner: trial``), reporting to Tune
     itself; returns (the non-finite loss reason or None, the last checkpoint or None).
