@@ -6,7 +6,8 @@
    missing. Nothing starts before all of that passed.
 2. :func:`orchestration.running.sweep_run.run_sweep` opens a parent MLflow run and runs
    every trial of every dataset in one Ray Tune ``Tuner``
-   (:mod:`orchestration.running.tune_run`); each trial is a Ray Train ``TorchTrainer``
+   (:mod:`orchestration.running.tune_run`); each trial is a Ray Train ``TorchTrainer``, or
+   its one worker trains in the trial's own process (``resources.runner: trial``)
    (:mod:`orchestration.running.trial`, :mod:`orchestration.running.worker`).
 3. At the end: a leaderboard (the best trial per dataset) on the terminal, in
    ``<output_dir>/leaderboard.json`` and as an artifact of the parent run.
