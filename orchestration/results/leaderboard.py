@@ -49,7 +49,7 @@ def build_leaderboard(
         # Train-in-Tune: the last checkpoint's path arrives with the metrics (Ray's
         # TuneReportCallback); a trial that trained in its own process has a Tune checkpoint.
         checkpoint = best.metrics.get("checkpoint_path")
-        if not checkpoint and getattr(best, "checkpoint", None) is not None:
+        if not checkpoint and best.checkpoint is not None:
             checkpoint = best.checkpoint.path
         if checkpoint and sweep.storage.is_s3 and not checkpoint.startswith("s3://"):
             checkpoint = f"s3://{checkpoint}"

@@ -119,12 +119,10 @@ class RayReporter(Callback):
             report that must carry the key; the sweep's ASHA ignores a NaN).
     """
 
-    def __init__(
-        self, ranking_metric: str, *, keep_local: int = 1, reporting: Reporting | None = None
-    ):
+    def __init__(self, ranking_metric: str, *, reporting: Reporting, keep_local: int = 1):
         self.ranking_metric = ranking_metric
         self.reporting = reporting
-        """Where the reports go; None: Ray Train's (looked up at the first report)."""
+        """Where the reports go."""
         self.keep_local = keep_local
         self.pending_checkpoint: Path | None = None
         self.score = math.nan
@@ -139,8 +137,6 @@ class RayReporter(Callback):
         self.pending_checkpoint = Path(path)
 
     def on_epoch_end(self, state: TrainState, metrics: dict[str, float]) -> None:
-        if self.reporting is None:
-            self.reporting = train_reporting()
         self.score = self._score_of(metrics)
         epoch_report: dict[str, Any] = {
             "epoch": state.epochs_completed,
