@@ -5,7 +5,8 @@
 Everything of the sweep runs as a user's sweep does (``orchestration.running.cli.run``: the
 config checks and dataset scans, the folder lock, the per-dataset schedulers and searcher,
 trial naming, the MLflow parent run and one child run per trial with all its params, the
-per-epoch metrics through the same metric buffer, the run closing callback, the terminal's
+per-epoch metrics through the same metric buffer (sent every ``tracking.flush_every_s``, as a
+real trial's are), the run closing callback, the terminal's
 lines, the leaderboard, ``compare.md``, the plots) except the training: each trial runs
 :func:`stand_in_trial`, which opens its MLflow run as a real trial does and then reports E
 epochs of made-up metrics with a short sleep (``--epoch-seconds``). The peer is plain Ray
@@ -76,7 +77,7 @@ def stand_in_trial(tune_config: dict[str, Any], context: Any) -> None:
     tracker, run_id = open_trial_run(
         context, sweep, trial_id=trial_id, dataset=dataset, params=params, experiment=experiment
     )
-    buffer = MetricBuffer(tracker.client, run_id)
+    buffer = MetricBuffer(tracker.client, run_id, flush_every_s=sweep.tracking.flush_every_s)
     epochs = experiment.train.resolved_schedule()[0]
     pause = float(os.environ["SWEEP_SCALE_EPOCH_S"])
     for epoch in range(1, epochs + 1):
@@ -94,7 +95,7 @@ def stand_in_trial(tune_config: dict[str, Any], context: Any) -> None:
             },
             step=step,
         )
-        buffer.flush()
+        buffer.flush_if_due()
         ray.tune.report(
             {
                 "epoch": epoch,

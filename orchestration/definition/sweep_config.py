@@ -305,6 +305,12 @@ class TrackingConfig(_Strict):
     register_models: bool = True
     """Register each dataset's best trial as a version of ``autoassign-<dataset>`` in the
     MLflow model registry, moving its ``best`` alias only to a better version."""
+    flush_every_s: float = Field(10.0, ge=0)
+    """How long a trial's metric points may wait before they are sent to MLflow together
+    (0: each epoch's and each logged step's points at once). Fewer, bigger requests: a big
+    sweep's trials then cost the tracking server a request per ``flush_every_s`` each, not
+    one per epoch. Points still waiting are kept in each checkpoint, so a killed worker
+    loses none; the run's end sends the rest."""
 
 
 class StorageConfig(_Strict):

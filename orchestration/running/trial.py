@@ -200,6 +200,7 @@ def run_trial(tune_config: dict[str, Any], context: SweepContext) -> None:
         "tracking_uri": context.tracking_uri,
         "run_id": run_id,
         "tracking_wait_s": context.tracking_wait_s,
+        "metrics_flush_every_s": sweep.tracking.flush_every_s,
     }
     storage = Storage(context.storage_root, context.storage_endpoint)
     if sweep.resources.runner == "trial":

@@ -10,8 +10,8 @@ the engine wraps the model in DDP itself) with two callbacks:
   losses, its evaluation and ``score`` (the dataset's ranking metric), plus rank 0's
   checkpoint directory when one was written;
 - :class:`~orchestration.tracking.trial_logging.MlflowTrialLogger` (rank 0): losses, lr and
-metrics into
-  the trial's child run, whose id the trial driver passes in ``loop_config``.
+  metrics into the trial's child run, whose id the trial driver passes in ``loop_config``;
+  the metric points not sent yet travel in each checkpoint.
 
 After a worker dies, Ray Train starts new workers and ``ray.train.get_checkpoint()`` hands
 back the last reported checkpoint; training continues from it exactly (weights, optimizer,
@@ -219,8 +219,11 @@ def _train(
             log_every_iters=config.train.log_every_iters,
             ranking_metric=loop_config["ranking_metric"],
             flush_timeout=loop_config.get("tracking_wait_s", OUTAGE_WAIT_S),
+            flush_every_s=loop_config.get("metrics_flush_every_s", 0.0),
         )
-        callbacks.append(logger)
+        # Before the reporter: the logger leaves its waiting metric points in the epoch's
+        # checkpoint folder, which the reporter then hands to Ray.
+        callbacks.insert(0, logger)
     trainer = Trainer(
         config,
         callbacks=callbacks,
@@ -235,6 +238,8 @@ def _train(
         if checkpoint is not None:
             with checkpoint.as_directory() as directory:
                 trainer.load_checkpoint(directory)
+                if logger is not None:
+                    logger.restore(directory)
             reporter.resumed_from = trainer.state.epochs_completed
         trainer.fit()
     except NonFiniteLossError as error:

@@ -9,11 +9,12 @@
   priors (plot and values), the evaluator's precision-recall curves (plot and values) and a
   few validation images with their predictions drawn over the ground truth.
 
-A worker restarted from a checkpoint re-runs steps it already logged: steps up to the highest
-one the run already holds are not logged again, so no epoch appears twice. Metrics go through
-:class:`~orchestration.tracking.metric_buffer.MetricBuffer`, so a tracking server that is down for
-a while
-loses nothing and fails nothing.
+Metrics go through :class:`~orchestration.tracking.metric_buffer.MetricBuffer`: sent together
+every ``flush_every_s`` seconds, and kept while the tracking server is down, so an outage
+loses nothing and fails nothing. Each checkpoint carries the points still waiting when it was
+written. A worker restarted from a checkpoint sends those that the run does not hold yet, then
+re-runs steps it may already have logged: steps up to the highest one the run already holds
+are not logged again, so no epoch appears twice and none is missing.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from autoassign.engine import Callback, TrainState
-from orchestration.tracking.metric_buffer import MetricBuffer
+from orchestration.tracking.metric_buffer import MetricBuffer, read_pending
 from orchestration.tracking.retries import OUTAGE_WAIT_S, quiet_client_retries, with_retries
 
 logger = logging.getLogger(__name__)
@@ -52,9 +53,11 @@ class MlflowTrialLogger(Callback):
         log_every_iters: int,
         ranking_metric: str,
         flush_timeout: float = OUTAGE_WAIT_S,
+        flush_every_s: float = 0.0,
     ):
         """``flush_timeout``: how long an unreachable tracking server is waited out (for the
-        final flush of buffered metrics and for every other call)."""
+        final flush of buffered metrics and for every other call); ``flush_every_s``: how
+        long metric points may wait to be sent together (``tracking.flush_every_s``)."""
         from mlflow.tracking import MlflowClient
 
         quiet_client_retries()
@@ -63,13 +66,17 @@ class MlflowTrialLogger(Callback):
         self.log_every_iters = log_every_iters
         self.ranking_metric = ranking_metric
         self.flush_timeout = flush_timeout
-        self.buffer = MetricBuffer(self.client, run_id)
+        self.buffer = MetricBuffer(self.client, run_id, flush_every_s=flush_every_s)
         # A restored trial repeats the steps after its checkpoint; what already reached the
         # run is not logged again. Steps and epochs are tracked apart: a worker killed after
         # logging an epoch's last step but before that epoch's metrics must log the metrics.
         self.steps_logged_up_to = -1
         self.epochs_logged_up_to = -1
         self.trainer: Any = None
+        self._restored: list[Any] = []
+        """Points the restored checkpoint carried, sent at the start unless already held."""
+        self._checkpoint_dir: Path | None = None
+        """This epoch's checkpoint folder, which gets the points still waiting at its end."""
         self._sums: dict[str, float] = {}
         self._count = 0
 
@@ -79,6 +86,10 @@ class MlflowTrialLogger(Callback):
         self.steps_logged_up_to = self._highest_logged_step(STEP_METRIC)
         self.epochs_logged_up_to = self._highest_logged_step("epoch")
         state.extra["mlflow_run_id"] = self.run_id
+        missing = [point for point in self._restored if not self._already_logged(point)]
+        self._restored = []
+        self.buffer.extend(missing)
+        self.buffer.flush_if_due()
 
     def on_step(self, state: TrainState, losses: dict[str, float]) -> None:
         if all(math.isfinite(v) for v in losses.values()):
@@ -90,17 +101,32 @@ class MlflowTrialLogger(Callback):
         if self._count and state.iteration > self.steps_logged_up_to:
             means = {f"train/{name}": total / self._count for name, total in self._sums.items()}
             self.buffer.add({**means, "lr": state.lr}, step=state.iteration)
-            self.buffer.flush()
+            self.buffer.flush_if_due()
         self._sums, self._count = {}, 0
 
+    def on_checkpoint(self, state: TrainState, path: Path) -> None:
+        # Rank 0 alone logs, and writes checkpoints. One that ends no epoch (a stop) gets the
+        # waiting points here; an epoch's gets them again with the epoch's own at its end.
+        self._checkpoint_dir = Path(path)
+        self.buffer.save_pending(path)
+
     def on_epoch_end(self, state: TrainState, metrics: dict[str, float]) -> None:
-        if state.iteration <= self.epochs_logged_up_to:
-            return
-        values = {f"epoch/train_{name}": v for name, v in state.epoch_losses.items()}
-        values["epoch"] = float(state.epochs_completed)
-        values.update({name: v for name, v in metrics.items() if math.isfinite(v)})
-        self.buffer.add(values, step=state.iteration)
-        self.buffer.flush()
+        """Queue the epoch's points, send what is due, and leave what still waits in the
+        epoch's checkpoint (this callback runs before the one that reports it to Ray)."""
+        if state.iteration > self.epochs_logged_up_to:
+            values = {f"epoch/train_{name}": v for name, v in state.epoch_losses.items()}
+            values["epoch"] = float(state.epochs_completed)
+            values.update({name: v for name, v in metrics.items() if math.isfinite(v)})
+            self.buffer.add(values, step=state.iteration)
+        self.buffer.flush_if_due()
+        if self._checkpoint_dir is not None:
+            self.buffer.save_pending(self._checkpoint_dir)
+        self._checkpoint_dir = None
+
+    def restore(self, checkpoint_dir: str | Path) -> None:
+        """Take the points the checkpoint the worker restored carried; those the run does
+        not hold yet are sent from ``on_train_start``."""
+        self._restored = read_pending(checkpoint_dir, self.run_id)
 
     def on_train_end(self, state: TrainState, metrics: dict[str, float]) -> None:
         self.buffer.close(timeout=self.flush_timeout)
@@ -127,6 +153,12 @@ class MlflowTrialLogger(Callback):
         )
 
     # ---- helpers ----------------------------------------------------------------------------
+
+    def _already_logged(self, point: Any) -> bool:
+        """Whether the run holds ``point``: steps' points (``train/*``, ``lr``) up to the
+        highest logged step, epochs' points up to the highest logged epoch."""
+        step_point = point.key.startswith("train/") or point.key == "lr"
+        return point.step <= (self.steps_logged_up_to if step_point else self.epochs_logged_up_to)
 
     def _highest_logged_step(self, key: str) -> int:
         """The last step at which ``key`` reached the run (-1: never)."""

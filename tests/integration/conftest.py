@@ -469,8 +469,13 @@ def tiny_sweep(
     workers: int = 1,
     train: dict | None = None,
     search: dict | None = None,
+    flush_every_s: float | None = 0.0,
 ) -> dict:
-    """A sweep small enough for a test: a narrow ResNet-18/GN detector at 128 px."""
+    """A sweep small enough for a test: a narrow ResNet-18/GN detector at 128 px.
+
+    ``flush_every_s``: ``tracking.flush_every_s``, 0 (each epoch's metrics sent at once) for
+    the tests that watch a trial's run while it trains; None for the sweep's default.
+    """
     return {
         "name": name,
         "base": {
@@ -499,7 +504,10 @@ def tiny_sweep(
         "search_space": search_space or {},
         "search": search or {},
         "resources": {"workers_per_trial": workers, "cpus_per_worker": 1, "max_failures": 2},
-        "tracking": {"uri": mlflow_uri},
+        "tracking": {
+            "uri": mlflow_uri,
+            **({} if flush_every_s is None else {"flush_every_s": flush_every_s}),
+        },
         "storage": {"path": f"s3://{BUCKET}/ray", "endpoint_url": s3_endpoint},
         "output_dir": str(folder / name),
     }

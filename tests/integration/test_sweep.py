@@ -49,6 +49,7 @@ def finished_sweep(sweep_runner, mlflow_server, s3_server):
         ],
         search_space={"train.lr": {"grid": [GOOD_LR, BAD_LR]}},
         workers=2,
+        flush_every_s=None,  # the default: metrics sent every 10 s, the rest at the end
     )
     path = sweep_runner.write("it-main", config)
     code, log = sweep_runner.run(path)
