@@ -15,6 +15,7 @@ the block's end only. Processes that ran before the block count from its start.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from dataclasses import dataclass
@@ -128,3 +129,29 @@ class ProcessCpu:
             use.processes += 1
             use.seconds += seconds
         return dict(sorted(uses.items(), key=lambda item: -item[1].seconds))
+
+
+def print_cpu(label: str, cpu: ProcessCpu | None, trials: int, *, least: float = 0.5) -> None:
+    """The CPU each kind of process took, in all and per trial (kinds under ``least``
+    seconds in all are summed in one line)."""
+    if cpu is None:
+        return
+    uses = cpu.by_kind()
+    print(f"{label} CPU by process ({sum(u.seconds for u in uses.values()):.1f} s in all):")
+    rest = CpuUse()
+    for kind, use in uses.items():
+        if use.seconds < least:
+            rest.processes += use.processes
+            rest.seconds += use.seconds
+            continue
+        print(
+            f"  {kind[:48]:48s} x{use.processes:<3d} {use.seconds:7.1f} s"
+            f"  {use.seconds / trials:6.2f} s per trial"
+        )
+    if rest.processes:
+        print(f"  {'(others)':48s} x{rest.processes:<3d} {rest.seconds:7.1f} s")
+
+
+def cpu_sampler() -> ProcessCpu | contextlib.nullcontext:
+    """A :class:`ProcessCpu` where ``/proc`` can be read, else nothing."""
+    return ProcessCpu() if Path("/proc/self/stat").exists() else contextlib.nullcontext()

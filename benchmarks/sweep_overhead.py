@@ -41,7 +41,6 @@ base.train.milestones=[3]``. Synthetic datasets are written before anything is t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -60,7 +59,7 @@ if TYPE_CHECKING:
     from orchestration.definition.sweep_config import SweepConfig
     from orchestration.running.locations import Locations
 
-from process_cpu import CpuUse, ProcessCpu  # beside this file
+from process_cpu import cpu_sampler, print_cpu  # beside this file
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("setup", "training", "eval + checkpoint", "end")
@@ -212,32 +211,6 @@ def run_all_library(
 
 
 # ---- report ------------------------------------------------------------------------------------
-
-
-def print_cpu(label: str, cpu: ProcessCpu | None, trials: int, *, least: float = 0.5) -> None:
-    """The CPU each kind of process took, in all and per trial (kinds under ``least``
-    seconds in all are summed in one line)."""
-    if cpu is None:
-        return
-    uses = cpu.by_kind()
-    print(f"{label} CPU by process ({sum(u.seconds for u in uses.values()):.1f} s in all):")
-    rest = CpuUse()
-    for kind, use in uses.items():
-        if use.seconds < least:
-            rest.processes += use.processes
-            rest.seconds += use.seconds
-            continue
-        print(
-            f"  {kind[:48]:48s} x{use.processes:<3d} {use.seconds:7.1f} s"
-            f"  {use.seconds / trials:6.2f} s per trial"
-        )
-    if rest.processes:
-        print(f"  {'(others)':48s} x{rest.processes:<3d} {rest.seconds:7.1f} s")
-
-
-def cpu_sampler() -> ProcessCpu | contextlib.nullcontext:
-    """A :class:`ProcessCpu` where ``/proc`` can be read, else nothing."""
-    return ProcessCpu() if Path("/proc/self/stat").exists() else contextlib.nullcontext()
 
 
 def print_phases(label: str, trials: list[TrialTime]) -> None:

@@ -20,13 +20,15 @@ SQLite file. Each measured run is a fresh process, so its peak memory is its own
 
 Printed per tracking store: both wall times and their ratio, the overhead per trial, the
 driver's peak memory, how long the sweep's end took (leaderboard, compare.md, plots) and
-``python -m orchestration.compare`` on the result. Last line, for the last store measured:
+``python -m orchestration.compare`` on the result; with ``--cpu``, the CPU each kind of
+process took in each run (``process_cpu.py``). Last line, for the last store measured:
 ``sweep_scale: N trials, project P s, tune T s, ratio R, end E s, compare C s``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -40,6 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from process_cpu import cpu_sampler, print_cpu  # beside this file
 
 ROOT = Path(__file__).resolve().parents[1]
 POSTGRES_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -384,6 +388,11 @@ def runs_table_seconds(uri: str) -> tuple[float, float]:
     return opened, expanded
 
 
+def sampler(wanted: bool) -> Any:
+    """CPU by kind of process over a block (``--cpu``), or nothing (None in the block)."""
+    return cpu_sampler() if wanted else contextlib.nullcontext()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=1000, help="in all, over 4 datasets")
@@ -393,6 +402,9 @@ def main() -> None:
     parser.add_argument("--tracking", nargs="+", choices=("sqlite", "postgres"),
                         default=["sqlite", "postgres"])  # fmt: skip
     parser.add_argument("--keep", type=Path, help="keep the runs' files in this folder")
+    parser.add_argument("--cpu", action="store_true",
+                        help="also print the CPU each kind of process took in each run "
+                        "(read from /proc twice a second)")  # fmt: skip
     parser.add_argument("--ui", action="store_true",
                         help="also time the MLflow runs table in headless Chromium "
                         "(PostgreSQL store only: its server is up)")  # fmt: skip
@@ -410,9 +422,11 @@ def main() -> None:
         f"files under {top}",
         flush=True,
     )
-    tune = run_child("tune", top / "tune.log", **options)
+    with sampler(args.cpu) as cpu:
+        tune = run_child("tune", top / "tune.log", **options)
     trials = tune["trials"]
     print(f"plain Ray Tune: {tune['wall_s']:.1f} s, driver peak {tune['peak_rss_mb']:.0f} MB")
+    print_cpu("plain Ray Tune", cpu, trials)
     summary = ""
     for store in args.tracking:
         folder = top / store
@@ -420,12 +434,15 @@ def main() -> None:
         folder.mkdir(parents=True)
         if store == "sqlite":
             uri = f"sqlite:///{folder / 'mlflow.db'}"
-            ours = run_child("project", folder / "sweep.log", folder=folder, uri=uri, **options)
+            with sampler(args.cpu) as cpu:
+                ours = run_child("project", folder / "sweep.log", folder=folder, uri=uri,
+                                 **options)  # fmt: skip
             compare = compare_seconds(uri, folder)
         else:
             with PostgresMlflow(folder) as uri:
-                ours = run_child("project", folder / "sweep.log", folder=folder, uri=uri,
-                                 **options)  # fmt: skip
+                with sampler(args.cpu) as cpu:
+                    ours = run_child("project", folder / "sweep.log", folder=folder, uri=uri,
+                                     **options)  # fmt: skip
                 compare = compare_seconds(uri, folder)
                 if args.ui:
                     opened, expanded = runs_table_seconds(uri)
@@ -443,6 +460,7 @@ def main() -> None:
             f"sweep end {ours['end_s']:.1f} s, compare {compare:.1f} s, "
             f"{ours['trials_on_leaderboard']} trials on the leaderboard"
         )
+        print_cpu(f"project ({store})", cpu, trials)
         summary = (
             f"sweep_scale: {trials} trials, project {ours['wall_s']:.1f} s, tune "
             f"{tune['wall_s']:.1f} s, ratio {ratio:.2f}, end {ours['end_s']:.1f} s, "
