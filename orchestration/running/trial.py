@@ -36,6 +36,7 @@ from orchestration.definition.trial_names import (
     trial_label,
     trial_params,
 )
+from orchestration.running import trial_run_ids
 from orchestration.tracking.retries import OUTAGE_WAIT_S
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,9 @@ class SweepContext:
     experiment_id: str | None = None
     """The sweep's MLflow experiment, which its driver found or created: a trial does not
     look it up again (one request less per trial)."""
+    new_sweep: bool = False
+    """True when this launch made the sweep id (not a ``--resume``): no trial run of the sweep
+    exists before its trial first starts, so that start opens one without searching MLflow."""
     launch_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     """New for each run of the sweep driver (a ``--resume`` gets another): a failure that a
     trial driver recorded under this launch is not retried by Tune within it."""
@@ -134,7 +138,7 @@ def open_trial_run(
         wait=context.tracking_wait_s,
         experiment_id=context.experiment_id,
     )
-    existing = tracker.find_trial_run(context.sweep_id, trial_id)
+    existing = _earlier_run(context, tracker, trial_id)
     if existing is not None:
         reason = final_failure(existing, context.launch_id)
         if reason is not None:
@@ -155,7 +159,23 @@ def open_trial_run(
         dataset_input=DatasetInput.of(dataset),
         extra_tags={TAG_FORMAT: dataset.format, TAG_METRIC: dataset.ranking_metric},
     )
+    trial_run_ids.remember(context.sweep_id, trial_id, run_id)  # for the trial's restarts
     return tracker, run_id
+
+
+def _earlier_run(context: SweepContext, tracker: Any, trial_id: str) -> Any | None:
+    """The trial's MLflow run from an earlier start, or None at its first.
+
+    Asked of Ray's key-value store first (:mod:`orchestration.running.trial_run_ids`), then,
+    for a resumed sweep or where that store cannot be read, of MLflow by a search.
+    """
+    try:
+        known = trial_run_ids.recall(context.sweep_id, trial_id)
+    except trial_run_ids.Unavailable:
+        return tracker.find_trial_run(context.sweep_id, trial_id)
+    if known is not None:
+        return tracker.get_run(known)
+    return None if context.new_sweep else tracker.find_trial_run(context.sweep_id, trial_id)
 
 
 def train_run_name(sweep_id: str, trial_id: str) -> str:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from orchestration.definition.sweep_config import SweepConfig
+from orchestration.running import trial_run_ids
 from orchestration.running.locations import Locations
 from orchestration.running.storage import check_storage_reaches_every_node
 from orchestration.running.sweep_output import SweepOutput, say
@@ -63,6 +64,7 @@ def fit_on_ray(
                 sweep, where, sweep_id, parent_run_id, tracker, resuming, verbose, trial_function
             )
     finally:
+        trial_run_ids.forget_sweep(sweep_id)  # a joined cluster outlives the sweep
         ray.shutdown()
     if interrupted():
         raise KeyboardInterrupt
@@ -204,6 +206,7 @@ def _fit(
         work_dir=str(where.output_dir / "trials"),
         # The embedded local Ray runs without its dashboard (see _init_ray).
         placement_group_cleaner=bool(where.ray_address),
+        new_sweep=not resuming,
     )
     # A trial driver of Train workers holds no CPU, so the workers can take all of them; Ray
     # refuses an empty request, hence a token amount of (logical) memory.

@@ -150,6 +150,10 @@ class Tracker:
             if not token:
                 return runs
 
+    def get_run(self, run_id: str) -> Any:
+        """One run, by id (a lookup by key: as fast at a million runs as at ten)."""
+        return self._retried(lambda: self.client.get_run(run_id), "run lookup")
+
     def find_trial_run(self, sweep_id: str, trial_id: str) -> Any | None:
         """The MLflow run of a sweep's trial, or None before its first start."""
         runs = self.find_runs(**{TAG_SWEEP_ID: sweep_id, TAG_TRIAL_ID: trial_id})
@@ -284,7 +288,7 @@ class Tracker:
 
     def failure_reason(self, run_id: str) -> str | None:
         """The reason tagged on a FAILED run; None when the run has not failed."""
-        run = self._retried(lambda: self.client.get_run(run_id), "run lookup")
+        run = self.get_run(run_id)
         if run.info.status != "FAILED":
             return None
         return run.data.tags.get(TAG_FAILURE, "the trial failed")
