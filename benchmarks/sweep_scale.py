@@ -320,6 +320,8 @@ class PostgresMlflow:
              "--backend-store-uri", f"postgresql://postgres@127.0.0.1:{port}/mlflow",
              "--artifacts-destination", str(self.folder / "mlflow-artifacts")],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            # As docker-compose.yml runs it: without the GenAI job consumers it never uses.
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         )  # fmt: skip
         uri = f"http://127.0.0.1:{http_port}"
         deadline = time.monotonic() + 180

@@ -221,6 +221,7 @@ def run_trial(tune_config: dict[str, Any], context: SweepContext) -> None:
         "run_id": run_id,
         "tracking_wait_s": context.tracking_wait_s,
         "metrics_flush_every_s": sweep.tracking.flush_every_s,
+        "early_stopping": sweep.search.scheduler.type != "fifo",
     }
     storage = Storage(context.storage_root, context.storage_endpoint)
     if sweep.resources.runner == "trial":

@@ -181,7 +181,9 @@ def train_loop(loop_config: dict[str, Any], reporting: Reporting | None = None) 
 
     ``loop_config`` keys: ``experiment`` (the ExperimentConfig as plain data), ``work_dir``
     (rank 0's local folder), ``ranking_metric``, and, when tracking, ``tracking_uri``,
-    ``run_id`` and ``tracking_wait_s`` (how long an unreachable server is waited out).
+    ``run_id``, ``tracking_wait_s`` (how long an unreachable server is waited out),
+    ``metrics_flush_every_s`` (``tracking.flush_every_s``) and ``early_stopping`` (the sweep's
+    scheduler may stop the trial on an evaluation's report: each is sent to MLflow at once).
     ``reporting``: where the epochs go, Ray Train's when None.
     """
     reporting = reporting or train_reporting()
@@ -220,6 +222,7 @@ def _train(
             ranking_metric=loop_config["ranking_metric"],
             flush_timeout=loop_config.get("tracking_wait_s", OUTAGE_WAIT_S),
             flush_every_s=loop_config.get("metrics_flush_every_s", 0.0),
+            flush_evaluations=loop_config.get("early_stopping", False),
         )
         # Before the reporter: the logger leaves its waiting metric points in the epoch's
         # checkpoint folder, which the reporter then hands to Ray.

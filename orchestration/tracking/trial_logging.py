@@ -54,10 +54,14 @@ class MlflowTrialLogger(Callback):
         ranking_metric: str,
         flush_timeout: float = OUTAGE_WAIT_S,
         flush_every_s: float = 0.0,
+        flush_evaluations: bool = False,
     ):
         """``flush_timeout``: how long an unreachable tracking server is waited out (for the
         final flush of buffered metrics and for every other call); ``flush_every_s``: how
-        long metric points may wait to be sent together (``tracking.flush_every_s``)."""
+        long metric points may wait to be sent together (``tracking.flush_every_s``);
+        ``flush_evaluations``: send at once what waits at each evaluated epoch's end, before
+        it is reported (an early-stopping scheduler may end the trial on that report, and
+        Tune ends a stopped trial's processes without letting them flush)."""
         from mlflow.tracking import MlflowClient
 
         quiet_client_retries()
@@ -66,6 +70,7 @@ class MlflowTrialLogger(Callback):
         self.log_every_iters = log_every_iters
         self.ranking_metric = ranking_metric
         self.flush_timeout = flush_timeout
+        self.flush_evaluations = flush_evaluations
         self.buffer = MetricBuffer(self.client, run_id, flush_every_s=flush_every_s)
         # A restored trial repeats the steps after its checkpoint; what already reached the
         # run is not logged again. Steps and epochs are tracked apart: a worker killed after
@@ -118,7 +123,10 @@ class MlflowTrialLogger(Callback):
             values["epoch"] = float(state.epochs_completed)
             values.update({name: v for name, v in metrics.items() if math.isfinite(v)})
             self.buffer.add(values, step=state.iteration)
-        self.buffer.flush_if_due()
+        if metrics and self.flush_evaluations:
+            self.buffer.flush()
+        else:
+            self.buffer.flush_if_due()
         if self._checkpoint_dir is not None:
             self.buffer.save_pending(self._checkpoint_dir)
         self._checkpoint_dir = None

@@ -252,10 +252,26 @@ def compose_mlflow_flags() -> dict[str, str]:
     }
 
 
+def compose_mlflow_settings() -> dict[str, str]:
+    """The compose file's settings of how ``mlflow server`` runs that hold no address or
+    secret (``MLFLOW_SERVER_*``), for the tests' server to run as the stack's does."""
+    service = yaml.safe_load(COMPOSE_FILE.read_text())["services"]["mlflow"]
+    return {
+        name: str(value)
+        for name, value in service["environment"].items()
+        if name.startswith("MLFLOW_SERVER_") and "${" not in str(value)
+    }
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory, s3_server, postgres) -> Iterator[MlflowServer]:
     folder = tmp_path_factory.mktemp("mlflow")
-    env = {**os.environ, **s3_server.env, "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint}
+    env = {
+        **os.environ,
+        **s3_server.env,
+        "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint,
+        **compose_mlflow_settings(),
+    }
     flags = compose_mlflow_flags()
     # The stack's flags with this session's addresses: a PostgreSQL URI, an s3:// destination.
     assert flags["--backend-store-uri"].startswith("postgresql://")

@@ -260,6 +260,13 @@ def test_state_lives_in_named_volumes(resolved):
     assert any(target == "/app/schedules" for _, target in mounts["scheduler"])
 
 
+def test_mlflow_runs_without_the_genai_job_consumers(resolved):
+    """MLflow 3 starts huey job consumers beside its server unless told not to; the
+    platform submits no GenAI job, and idle they cost CPU (see docker-compose.yml)."""
+    environment = resolved["services"]["mlflow"]["environment"]
+    assert environment["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+
+
 def test_mlflow_keeps_runs_in_postgres_and_proxies_artifacts_to_s3(resolved):
     """Runs go to PostgreSQL, artifacts to the MinIO bucket through the server."""
     mlflow = resolved["services"]["mlflow"]

@@ -24,6 +24,7 @@ from autoassign.data.synthetic import write_synthetic
 from orchestration.running.worker import Reporting, train_loop
 from orchestration.tracking import metric_buffer
 from orchestration.tracking.metric_buffer import PENDING_FILE, MetricBuffer, read_pending
+from orchestration.tracking.trial_logging import MlflowTrialLogger
 
 EPOCHS = 3
 ITERS_PER_EPOCH = 4  # 8 images at batch 2
@@ -203,3 +204,27 @@ def test_a_worker_killed_with_points_waiting_loses_none_and_logs_none_twice(
     first_two = [m for m in client.get_metric_history(run_id, "train/loss") if m.step <= 8]
     carried_times = {step: t for key, _, t, step in carried if key == "train/loss"}
     assert {m.step: m.timestamp for m in first_two} == carried_times
+
+
+def test_under_early_stopping_an_evaluated_epoch_is_sent_before_it_is_reported(store):
+    """ASHA may stop the trial on the report of an evaluated epoch, and Tune then ends its
+    processes without a flush: such an epoch's points are sent at once, before the report;
+    other epochs wait as usual."""
+    from autoassign.engine import TrainState
+
+    uri, run_id = store
+    logger = MlflowTrialLogger(uri, run_id, log_every_iters=1, ranking_metric="bbox_mAP",
+                               flush_every_s=3600.0, flush_evaluations=True)  # fmt: skip
+    state = TrainState(max_epochs=2, iters_per_epoch=1)
+    logger.on_train_start(state)
+    state.iteration, state.epochs_completed = 1, 1
+    state.epoch_losses = {"loss": 1.2}
+    logger.on_step(state, {"loss": 1.2})
+    logger.on_epoch_end(state, {})  # not evaluated: waits
+    assert history(uri, run_id, "epoch") == []
+    state.iteration, state.epochs_completed = 2, 2
+    logger.on_step(state, {"loss": 1.0})
+    logger.on_epoch_end(state, {"bbox_mAP": 0.3})  # evaluated: everything waiting goes
+    assert history(uri, run_id, "epoch") == [(1, 1.0), (2, 2.0)]
+    assert history(uri, run_id, "bbox_mAP") == [(2, 0.3)]
+    assert [s for s, _ in history(uri, run_id, "train/loss")] == [1, 2]
