@@ -18,7 +18,8 @@ Tracking goes to a real ``mlflow server`` on PostgreSQL (started here, on 127.0.
 integration tests start it; needs PostgreSQL 15's binaries) and to the embedded default, a
 SQLite file. Each measured run is a fresh process, so its peak memory is its own.
 
-Printed per tracking store: both wall times and their ratio, the overhead per trial, the
+Printed per tracking store: both wall times and their ratio, the overhead per trial, where a
+trial's time went (opening its run, its epochs against plain Tune's, closing its run), the
 driver's peak memory, how long the sweep's end took (leaderboard, compare.md, plots) and
 ``python -m orchestration.compare`` on the result; with ``--cpu``, the CPU each kind of
 process took in each run (``process_cpu.py``). Last line, for the last store measured:
@@ -73,6 +74,7 @@ def stand_in_trial(tune_config: dict[str, Any], context: Any) -> None:
     from orchestration.running.trial import open_trial_run
     from orchestration.tracking.metric_buffer import MetricBuffer
 
+    started = time.perf_counter()
     sweep = context.sweep_config()
     dataset = sweep.dataset(tune_config[DATASET_KEY])
     params = trial_params(tune_config)
@@ -84,6 +86,7 @@ def stand_in_trial(tune_config: dict[str, Any], context: Any) -> None:
     buffer = MetricBuffer(tracker.client, run_id, flush_every_s=sweep.tracking.flush_every_s)
     epochs = experiment.train.resolved_schedule()[0]
     pause = float(os.environ["SWEEP_SCALE_EPOCH_S"])
+    opened = time.perf_counter()
     for epoch in range(1, epochs + 1):
         time.sleep(pause)
         made_up = made_up_epoch(json.dumps(params, sort_keys=True), epoch, epochs)
@@ -109,8 +112,11 @@ def stand_in_trial(tune_config: dict[str, Any], context: Any) -> None:
                 **metrics,
             }
         )
+    trained = time.perf_counter()
     buffer.close(timeout=60)
     tracker.end_run(run_id, "FINISHED")
+    ended = time.perf_counter()
+    record_phases(start=opened - started, epochs=trained - opened, end=ended - trained)
 
 
 def plain_tune_trial(config: dict[str, Any]) -> None:
@@ -119,10 +125,30 @@ def plain_tune_trial(config: dict[str, Any]) -> None:
 
     pause = float(os.environ["SWEEP_SCALE_EPOCH_S"])
     epochs = config["epochs"]
+    started = time.perf_counter()
     for epoch in range(1, epochs + 1):
         time.sleep(pause)
         made_up = made_up_epoch(json.dumps(config, sort_keys=True), epoch, epochs)
         ray.tune.report({"epoch": epoch, "train/loss": made_up["loss"], "score": made_up["metric"]})
+    record_phases(start=0.0, epochs=time.perf_counter() - started, end=0.0)
+
+
+PHASES = ("start", "epochs", "end")
+"""A trial's parts, in seconds: opening its MLflow run (with building its configs), its epochs
+(the sleeps, and each report's wait for Tune's driver), closing its run."""
+
+
+def record_phases(**seconds: float) -> None:
+    """Append this trial's :data:`PHASES` to its process's file in ``SWEEP_SCALE_PHASES``."""
+    folder = Path(os.environ["SWEEP_SCALE_PHASES"])
+    with (folder / f"{os.getpid()}.jsonl").open("a") as handle:
+        handle.write(json.dumps(seconds) + "\n")
+
+
+def mean_phases(folder: Path) -> dict[str, float]:
+    """Each phase's mean over the trials that :func:`record_phases` wrote into ``folder``."""
+    rows = [json.loads(line) for path in folder.glob("*.jsonl") for line in path.open()]
+    return {phase: sum(row[phase] for row in rows) / max(1, len(rows)) for phase in PHASES}
 
 
 # ---- one measured run (a child process) -------------------------------------------------------
@@ -254,10 +280,14 @@ def child(argv: list[str]) -> None:
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--concurrent", type=int)
     args = parser.parse_args(argv)
+    phases = Path(tempfile.mkdtemp(prefix="sweep-scale-phases-"))
+    os.environ["SWEEP_SCALE_PHASES"] = str(phases)  # before Ray starts: its workers inherit it
     if args.child == "project":
         result = measure_project(args.folder, args.trials, args.epochs, args.concurrent, args.uri)
     else:
         result = measure_tune(args.trials, args.epochs, args.concurrent)
+    result["phases"] = mean_phases(phases)
+    shutil.rmtree(phases, ignore_errors=True)
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -427,7 +457,10 @@ def main() -> None:
     with sampler(args.cpu) as cpu:
         tune = run_child("tune", top / "tune.log", **options)
     trials = tune["trials"]
-    print(f"plain Ray Tune: {tune['wall_s']:.1f} s, driver peak {tune['peak_rss_mb']:.0f} MB")
+    print(
+        f"plain Ray Tune: {tune['wall_s']:.1f} s, driver peak {tune['peak_rss_mb']:.0f} MB, "
+        f"per trial: epochs {tune['phases']['epochs']:.2f} s"
+    )
     print_cpu("plain Ray Tune", cpu, trials)
     summary = ""
     for store in args.tracking:
@@ -461,6 +494,12 @@ def main() -> None:
             f"{per_trial * 1000:+.0f} ms per trial, driver peak {ours['peak_rss_mb']:.0f} MB, "
             f"sweep end {ours['end_s']:.1f} s, compare {compare:.1f} s, "
             f"{ours['trials_on_leaderboard']} trials on the leaderboard"
+        )
+        phases = ours["phases"]
+        print(
+            f"project ({store}) per trial: opening its run {phases['start'] * 1000:.0f} ms, "
+            f"epochs {phases['epochs']:.2f} s (plain Tune {tune['phases']['epochs']:.2f} s), "
+            f"closing its run {phases['end'] * 1000:.0f} ms"
         )
         print_cpu(f"project ({store})", cpu, trials)
         summary = (
