@@ -83,10 +83,10 @@ class DatasetSummary:
 
 
 def load_trials(
-    client: Any, experiment: str, *, sweep_id: str | None = None
+    client: Any, experiment: str, *, sweep_id: str | None = None, parts: int = 1
 ) -> tuple[str, list[DatasetSummary]]:
     """The experiment's id and its trial runs (``sweep_id``'s only, when given) grouped by
-    dataset (in order of appearance)."""
+    dataset (in order of appearance); ``parts``: see :func:`search_runs_in_parts`."""
     found = client.get_experiment_by_name(experiment)
     if found is None:
         names = sorted(e.name for e in client.search_experiments())
@@ -96,10 +96,11 @@ def load_trials(
         )
     trials = f"tags.`{TAG_KIND}` = 'trial'"
     if sweep_id is None:
-        return found.experiment_id, summarize_runs(_search(client, found.experiment_id, trials))
+        runs = search_runs_in_parts(client, found.experiment_id, trials, parts)
+        return found.experiment_id, summarize_runs(runs)
     # The sweep's own runs only: an experiment of nightly sweeps holds thousands of others.
-    runs = _search(
-        client, found.experiment_id, f"{trials} and tags.`{TAG_SWEEP_ID}` = '{sweep_id}'"
+    runs = search_runs_in_parts(
+        client, found.experiment_id, f"{trials} and tags.`{TAG_SWEEP_ID}` = '{sweep_id}'", parts
     )
     if not runs:
         everyone = _search(client, found.experiment_id, trials)
@@ -139,6 +140,46 @@ def summarize_runs(runs: Sequence[Any]) -> list[DatasetSummary]:
             )
         )
     return list(summaries.values())
+
+
+SERVER_SEARCH_PARTS = 4
+"""How many searches :func:`compare` sends a tracking server at once."""
+
+
+def search_runs_in_parts(
+    client: Any, experiment_id: str, filter_string: str, parts: int = 1
+) -> list[Any]:
+    """Every run matching ``filter_string``; with ``parts`` > 1, read as that many searches at
+    once, each over a range of the runs' start times.
+
+    MLflow's search cannot leave out a run's params, tags or metrics, so reading a thousand
+    runs is seconds of the server's work; a server answers several searches in parallel (on
+    PostgreSQL here, 1,000 runs of 60 params: 3.3 s in one search, 2.1 s in four at once). A
+    file store is read in this process, where searches at once would only take turns.
+    """
+    if parts <= 1:
+        return _search(client, experiment_id, filter_string)
+    edges = []
+    for order in ("ASC", "DESC"):
+        page = client.search_runs(
+            [experiment_id], filter_string, max_results=1,
+            order_by=[f"attributes.start_time {order}"],
+        )  # fmt: skip
+        edges += [run.info.start_time for run in page]
+    if len(edges) < 2 or None in edges:  # no run, or one without a start time
+        return _search(client, experiment_id, filter_string)
+    first, last = edges[0], edges[1] + 1
+    bounds = [first + (last - first) * i // parts for i in range(parts)] + [last]
+    ranges = [
+        f"{filter_string} and attributes.start_time >= {low} and attributes.start_time < {high}"
+        for low, high in zip(bounds, bounds[1:], strict=False)
+        if high > low
+    ]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=len(ranges)) as pool:
+        found = pool.map(lambda part: _search(client, experiment_id, part), ranges)
+        return [run for runs in found for run in runs]
 
 
 def _search(client: Any, experiment_id: str, filter_string: str) -> list[Any]:
@@ -433,7 +474,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def compare(args: argparse.Namespace) -> str:
     client, uri = tracking_client(args)
-    experiment_id, summaries = load_trials(client, args.experiment, sweep_id=args.sweep)
+    parts = SERVER_SEARCH_PARTS if uri.startswith(("http://", "https://")) else 1
+    experiment_id, summaries = load_trials(
+        client, args.experiment, sweep_id=args.sweep, parts=parts
+    )
     summaries = with_metric(summaries, args.metric)
     if args.classes and not args.by:
         raise CompareError("--classes goes with --by")

@@ -232,3 +232,22 @@ def test_a_class_split_naming_an_unknown_class_lists_the_classes(ablation_store,
     code = main(["abl", "--tracking-uri", ablation_store, "--classes", "ring"])
     _, err = capsys.readouterr()
     assert code == 2 and "--classes goes with --by" in err
+
+
+@pytest.mark.parametrize("parts", [2, 4, 7])
+def test_searching_in_parts_reads_every_run_once(store, parts):
+    """What ``compare`` does against a tracking server: the runs' start times split into
+    ranges searched at once; together they hold each run exactly once."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestration.results.compare import search_runs_in_parts
+
+    client = MlflowClient(store["uri"])
+    experiment_id = client.get_experiment_by_name("cmp").experiment_id
+    trials = f"tags.`{TAG_KIND}` = 'trial'"
+    found = [r.info.run_id for r in search_runs_in_parts(client, experiment_id, trials, parts)]
+    assert sorted(found) == sorted(store["run_ids"])
+    one = f"{trials} and tags.`{TAG_DATASET}` = 'faces' and attributes.status = 'FINISHED'"
+    assert len(search_runs_in_parts(client, experiment_id, one, parts)) == 2
+    none = f"{trials} and tags.`{TAG_DATASET}` = 'nowhere'"
+    assert search_runs_in_parts(client, experiment_id, none, parts) == []
