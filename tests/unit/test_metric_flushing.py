@@ -25,6 +25,7 @@ from orchestration.running.worker import Reporting, train_loop
 from orchestration.tracking import metric_buffer
 from orchestration.tracking.metric_buffer import PENDING_FILE, MetricBuffer, read_pending
 from orchestration.tracking.trial_logging import MlflowTrialLogger
+from tests.unit.test_engine import tiny_config
 
 EPOCHS = 3
 ITERS_PER_EPOCH = 4  # 8 images at batch 2
@@ -90,27 +91,11 @@ def test_waiting_points_round_trip_through_a_checkpoint_folder(store, tmp_path, 
 
 
 def loop_config(root: Path, work_dir: Path, uri: str, run_id: str, flush_every_s: float) -> dict:
-    experiment = {
-        "model": {
-            "num_classes": 2,
-            "backbone": {"depth": 18, "norm": "gn", "frozen_stages": -1, "style": "pytorch"},
-            "fpn_channels": 32,
-            "head": {"num_convs": 1},
-            "input": {"min_size": 96, "max_size": 96},
-        },
-        "data": {"root": str(root), "batch_size": 2, "num_workers": 0},
-        "train": {
-            "lr": 0.01,
-            "base_batch_size": 2,
-            "warmup_iters": 3,
-            "schedule": None,
-            "epochs": EPOCHS,
-            "milestones": [EPOCHS],
-            "log_every_iters": 1,
-        },
-        "eval": {"every_epochs": 1, "batch_size": 2},
-        "device": "cpu",
-    }
+    """A trial's ``loop_config``: test_engine's tiny detector, evaluated every epoch."""
+    experiment = tiny_config(root, work_dir, epochs=EPOCHS, milestones=[EPOCHS])
+    experiment = experiment.model_dump(mode="json")
+    experiment["eval"]["every_epochs"] = 1
+    experiment["device"] = "cpu"
     return {
         "experiment": experiment,
         "work_dir": str(work_dir),
