@@ -239,12 +239,17 @@ def postgres() -> Iterator[Postgres | None]:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+def compose_mlflow_service() -> dict:
+    """The compose file's ``mlflow`` service, as written there."""
+    return yaml.safe_load(COMPOSE_FILE.read_text())["services"]["mlflow"]
+
+
 def compose_mlflow_flags() -> dict[str, str]:
     """``--backend-store-uri`` and ``--artifacts-destination`` of the compose file's mlflow
     service, as written there (with ``${...}`` placeholders). The store URI holds the
     database password, so the compose file gives it as MLFLOW_BACKEND_STORE_URI, the
     variable ``mlflow server`` reads for that flag."""
-    service = yaml.safe_load(COMPOSE_FILE.read_text())["services"]["mlflow"]
+    service = compose_mlflow_service()
     command = service["command"]
     return {
         "--backend-store-uri": service["environment"]["MLFLOW_BACKEND_STORE_URI"],
@@ -255,7 +260,7 @@ def compose_mlflow_flags() -> dict[str, str]:
 def compose_mlflow_settings() -> dict[str, str]:
     """The compose file's settings of how ``mlflow server`` runs that hold no address or
     secret (``MLFLOW_SERVER_*``), for the tests' server to run as the stack's does."""
-    service = yaml.safe_load(COMPOSE_FILE.read_text())["services"]["mlflow"]
+    service = compose_mlflow_service()
     return {
         name: str(value)
         for name, value in service["environment"].items()
