@@ -24,6 +24,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +102,9 @@ class Tracker:
         self.experiment_id = experiment_id or self._retried(
             self._experiment_id, "experiment lookup"
         )
+        self._details: dict[str, Future] = {}
+        """Params and dataset inputs on their way to new trial runs, by run id."""
+        self._sender: ThreadPoolExecutor | None = None
 
     def _retried(self, call: Callable[[], T], what: str, timeout: float | None = None) -> T:
         return with_retries(call, what=what, timeout=self.wait if timeout is None else timeout)
@@ -199,6 +203,11 @@ class Tracker:
         each lookup is a search of the experiment, whose runs a big sweep counts in thousands.
 
         A found run that had ended is RUNNING again, without the failure tags of its end.
+
+        A new run exists when this returns; its ``params`` and ``dataset_input`` are sent by a
+        background thread meanwhile (two requests the training need not wait for: against a
+        loaded server they were most of a trial's start). :meth:`end_run` waits for them, as
+        does :meth:`run_details_logged`.
         """
         if existing is not None:
             run_id = existing.info.run_id
@@ -218,10 +227,26 @@ class Tracker:
             "run creation",
         )
         run_id = run.info.run_id
+        if self._sender is None:
+            self._sender = ThreadPoolExecutor(1, thread_name_prefix="mlflow-run-details")
+        self._details[run_id] = self._sender.submit(
+            self._log_details, run_id, dict(params), dataset_input
+        )
+        return run_id
+
+    def _log_details(
+        self, run_id: str, params: Mapping[str, Any], dataset_input: DatasetInput | None
+    ) -> None:
         self.log_params(run_id, params)
         if dataset_input is not None:
             self.log_dataset(run_id, dataset_input)
-        return run_id
+
+    def run_details_logged(self, run_id: str) -> None:
+        """Wait until the params and dataset input :meth:`trial_run` sends in the background
+        are in the run; raises what stopped them (after the usual wait for the server)."""
+        sending = self._details.pop(run_id, None)
+        if sending is not None:
+            sending.result()
 
     def _reopen(self, run: Any) -> None:
         run_id = run.info.run_id
@@ -280,7 +305,9 @@ class Tracker:
         timeout: float | None = None,
     ) -> None:
         """End a run as FINISHED, FAILED (``reason`` tagged) or KILLED, with ``tags`` set
-        first; ``timeout``: how long each call waits out an unreachable server."""
+        first (and the run's params sent first, if :meth:`trial_run` is still sending them);
+        ``timeout``: how long each call waits out an unreachable server."""
+        self.run_details_logged(run_id)
         extra = {**(tags or {}), **({TAG_FAILURE: reason} if reason else {})}
         if extra:
             self.set_tags(run_id, extra, timeout=timeout)

@@ -433,6 +433,7 @@ def test_a_trial_start_waits_out_a_tracking_outage(mlflow_server, sweep_runner, 
             comeback.join()
         if mlflow_server.process is None:
             mlflow_server.start()
+    tracker.run_details_logged(run_id)  # the params follow the run in the background
     run = mlflow_server.client().get_run(run_id)
     assert run.info.status == "RUNNING"
     assert run.data.tags["autoassign.trial_id"] == "t1"

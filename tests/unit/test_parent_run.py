@@ -26,7 +26,7 @@ def test_the_parent_run_creates_the_datasets_its_trials_then_link(tmp_path):
     ]
 
     dataset = sweep.datasets[0]
-    _, run_id = open_trial_run(
+    trial_tracker, run_id = open_trial_run(
         dataclasses.replace(context(store, sweep), experiment_id=tracker.experiment_id),
         sweep,
         trial_id="t1",
@@ -34,5 +34,6 @@ def test_the_parent_run_creates_the_datasets_its_trials_then_link(tmp_path):
         params={},
         experiment=trial_experiment(sweep, dataset, {}, output_dir=Path("unused")),
     )
+    trial_tracker.run_details_logged(run_id)  # sent in the background
     trial_inputs = tracker.client.get_run(run_id).inputs.dataset_inputs
     assert [i.dataset.digest for i in trial_inputs] == [inputs[0].dataset.digest]

@@ -71,7 +71,7 @@ def start(store: str, sweep: SweepConfig, trial_id: str, *, launch_id: str = "la
     """What a trial driver does first: find or open the trial's MLflow run."""
     dataset = sweep.datasets[0]
     experiment = trial_experiment(sweep, dataset, {}, output_dir=Path("unused"))
-    return open_trial_run(
+    tracker, run_id = open_trial_run(
         context(store, sweep, launch_id=launch_id),
         sweep,
         trial_id=trial_id,
@@ -79,6 +79,8 @@ def start(store: str, sweep: SweepConfig, trial_id: str, *, launch_id: str = "la
         params={},
         experiment=experiment,
     )
+    tracker.run_details_logged(run_id)  # not left sending after the test's store is gone
+    return tracker, run_id
 
 
 def test_tune_restarts_a_trial_as_often_as_ray_train_restarts_its_workers(tmp_path):
@@ -186,5 +188,6 @@ def test_a_trial_uses_the_experiment_its_sweep_driver_found(tmp_path, store, mon
         params={},
         experiment=trial_experiment(sweep, dataset, {}, output_dir=Path("unused")),
     )
+    tracker.run_details_logged(run_id)
     assert tracker.experiment_id == experiment_id
     assert tracker.client.get_run(run_id).info.experiment_id == experiment_id

@@ -52,9 +52,11 @@ def open_run(store: str, sweep, trial_id: str, ctx: SweepContext):
     from orchestration.definition.trial_experiments import trial_experiment
 
     experiment = trial_experiment(sweep, dataset, {}, output_dir=Path("unused"))
-    return open_trial_run(
+    tracker, run_id = open_trial_run(
         ctx, sweep, trial_id=trial_id, dataset=dataset, params={}, experiment=experiment
     )
+    tracker.run_details_logged(run_id)  # not left sending after the test's store is gone
+    return tracker, run_id
 
 
 def test_outside_ray_a_start_searches(tmp_path, store, searches):
