@@ -238,9 +238,10 @@ def run_trial(tune_config: dict[str, Any], context: SweepContext) -> None:
         reason = tracker.failure_reason(run_id)
         if reason is not None:
             raise TrialFailure(reason)
+        tags = {}
         if checkpoint is not None:
-            tracker.set_tags(run_id, {TAG_CHECKPOINT: _checkpoint_uri(storage, checkpoint)})
-        tracker.end_run(run_id, "FINISHED")
+            tags[TAG_CHECKPOINT] = _checkpoint_uri(storage, checkpoint)
+        tracker.end_run(run_id, "FINISHED", tags=tags)  # the tags and the end: two requests
 
 
 def _train_with_ray_train(

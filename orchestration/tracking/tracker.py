@@ -283,11 +283,14 @@ class Tracker:
     def set_tags(
         self, run_id: str, tags: Mapping[str, str], *, timeout: float | None = None
     ) -> None:
-        for key, value in tags.items():
+        """Set ``tags`` on the run, a hundred to a request (MLflow's limit per batch)."""
+        from mlflow.entities import RunTag
+
+        items = [RunTag(key, str(value)[:5000]) for key, value in tags.items()]
+        for start in range(0, len(items), 100):
+            chunk = items[start : start + 100]
             self._retried(
-                lambda key=key, value=value: self.client.set_tag(run_id, key, str(value)[:5000]),
-                "tag",
-                timeout,
+                lambda chunk=chunk: self.client.log_batch(run_id, tags=chunk), "tags", timeout
             )
 
     def log_artifact(self, run_id: str, path: str | os.PathLike, folder: str | None = None) -> None:
