@@ -16,7 +16,8 @@ scheduler is FIFO in both, so both do the same work.
 
 Tracking goes to a real ``mlflow server`` on PostgreSQL (started here, on 127.0.0.1, as the
 integration tests start it; needs PostgreSQL 15's binaries) and to the embedded default, a
-SQLite file. Each measured run is a fresh process, so its peak memory is its own.
+SQLite file; ``postgres-gunicorn`` is the same server under gunicorn instead of MLflow's
+default uvicorn. Each measured run is a fresh process, so its peak memory is its own.
 
 Printed per tracking store: both wall times and their ratio, the overhead per trial, where a
 trial's time went (opening its run, its epochs against plain Tune's, closing its run), the
@@ -319,10 +320,13 @@ def as_postgres_user(command: list[str]) -> list[str]:
 
 
 class PostgresMlflow:
-    """A throwaway PostgreSQL cluster and an ``mlflow server`` on it, both on 127.0.0.1."""
+    """A throwaway PostgreSQL cluster and an ``mlflow server`` on it, both on 127.0.0.1;
+    ``gunicorn``: serve with gunicorn (MLflow's ``--gunicorn-opts``), not its default
+    uvicorn."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, *, gunicorn: bool = False):
         self.folder = folder
+        self.gunicorn = gunicorn
         self.pg_folder = Path(tempfile.mkdtemp(prefix="sweep-scale-pg-"))
         self.server: subprocess.Popen | None = None
 
@@ -346,7 +350,7 @@ class PostgresMlflow:
         log = (self.folder / "mlflow-server.log").open("w")
         self.server = subprocess.Popen(
             [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(http_port),
-             "--workers", "2",
+             "--workers", "2", *(["--gunicorn-opts", "--log-level=warning"] * self.gunicorn),
              "--backend-store-uri", f"postgresql://postgres@127.0.0.1:{port}/mlflow",
              "--artifacts-destination", str(self.folder / "mlflow-artifacts")],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -431,7 +435,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--epoch-seconds", type=float, default=0.1)
     parser.add_argument("--concurrent", type=int, default=8, help="trials at a time")
-    parser.add_argument("--tracking", nargs="+", choices=("sqlite", "postgres"),
+    parser.add_argument("--tracking", nargs="+",
+                        choices=("sqlite", "postgres", "postgres-gunicorn"),
                         default=["sqlite", "postgres"])  # fmt: skip
     parser.add_argument("--keep", type=Path, help="keep the runs' files in this folder")
     parser.add_argument("--cpu", action="store_true",
@@ -474,7 +479,7 @@ def main() -> None:
                                  **options)  # fmt: skip
             compare = compare_seconds(uri, folder)
         else:
-            with PostgresMlflow(folder) as uri:
+            with PostgresMlflow(folder, gunicorn=store == "postgres-gunicorn") as uri:
                 with sampler(args.cpu) as cpu:
                     ours = run_child("project", folder / "sweep.log", folder=folder, uri=uri,
                                      **options)  # fmt: skip

@@ -245,8 +245,14 @@ class Tracker:
         """Wait until the params and dataset input :meth:`trial_run` sends in the background
         are in the run; raises what stopped them (after the usual wait for the server)."""
         sending = self._details.pop(run_id, None)
-        if sending is not None:
+        if sending is None:
+            return
+        try:
             sending.result()
+        finally:
+            if not self._details and self._sender is not None:
+                self._sender.shutdown()  # its thread ends (a trial process runs many trials)
+                self._sender = None
 
     def _reopen(self, run: Any) -> None:
         run_id = run.info.run_id
