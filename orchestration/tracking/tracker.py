@@ -262,12 +262,11 @@ class Tracker:
         self._retried(lambda: self.client.update_run(run_id, status="RUNNING"), "run reopen")
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        """Log ``params`` (secrets left out); MLflow's client sends them 100 to a request."""
         from mlflow.entities import Param
 
         items = [Param(k, v) for k, v in sorted(safe_params(params).items())]
-        for start in range(0, len(items), 100):
-            chunk = items[start : start + 100]
-            self._retried(lambda chunk=chunk: self.client.log_batch(run_id, params=chunk), "params")
+        self._retried(lambda: self.client.log_batch(run_id, params=items), "params")
 
     def log_dataset(self, run_id: str, dataset: DatasetInput) -> None:
         """The dataset as an MLflow dataset input (the runs table's Dataset column)."""
@@ -289,15 +288,11 @@ class Tracker:
     def set_tags(
         self, run_id: str, tags: Mapping[str, str], *, timeout: float | None = None
     ) -> None:
-        """Set ``tags`` on the run, a hundred to a request (MLflow's limit per batch)."""
+        """Set ``tags`` on the run; MLflow's client sends them 100 to a request."""
         from mlflow.entities import RunTag
 
         items = [RunTag(key, str(value)[:5000]) for key, value in tags.items()]
-        for start in range(0, len(items), 100):
-            chunk = items[start : start + 100]
-            self._retried(
-                lambda chunk=chunk: self.client.log_batch(run_id, tags=chunk), "tags", timeout
-            )
+        self._retried(lambda: self.client.log_batch(run_id, tags=items), "tags", timeout)
 
     def log_artifact(self, run_id: str, path: str | os.PathLike, folder: str | None = None) -> None:
         self._retried(
