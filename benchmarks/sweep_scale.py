@@ -48,6 +48,7 @@ from typing import Any
 from process_cpu import cpu_sampler, print_cpu  # beside this file
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the tests' helpers: the compose file's server, the UI
 POSTGRES_BIN = Path("/usr/lib/postgresql/15/bin")
 FORMATS = ("coco", "voc", "objects365", "widerface")
 
@@ -331,6 +332,8 @@ class PostgresMlflow:
         self.server: subprocess.Popen | None = None
 
     def __enter__(self) -> str:
+        from tests.integration.compose_mlflow import compose_mlflow_settings
+
         if os.geteuid() == 0:
             shutil.chown(self.pg_folder, "postgres", "postgres")
         data, port = self.pg_folder / "data", free_port()
@@ -354,8 +357,7 @@ class PostgresMlflow:
              "--backend-store-uri", f"postgresql://postgres@127.0.0.1:{port}/mlflow",
              "--artifacts-destination", str(self.folder / "mlflow-artifacts")],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            # As docker-compose.yml runs it: without the GenAI job consumers it never uses.
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            env={**os.environ, **compose_mlflow_settings()},  # as the stack runs it
         )  # fmt: skip
         uri = f"http://127.0.0.1:{http_port}"
         deadline = time.monotonic() + 180
@@ -405,7 +407,6 @@ def runs_table_seconds(uri: str) -> tuple[float, float]:
     as the UI test drives it)."""
     from mlflow.tracking import MlflowClient
 
-    sys.path.insert(0, str(ROOT))
     from tests.integration.mlflow_ui import RunsTable, missing_browser
 
     reason = missing_browser()
