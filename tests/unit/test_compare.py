@@ -240,7 +240,7 @@ def test_searching_in_parts_reads_every_run_once(store, parts):
     ranges searched at once; together they hold each run exactly once."""
     from mlflow.tracking import MlflowClient
 
-    from orchestration.results.compare import search_runs_in_parts
+    from orchestration.tracking.run_search import search_runs_in_parts
 
     client = MlflowClient(store["uri"])
     experiment_id = client.get_experiment_by_name("cmp").experiment_id
