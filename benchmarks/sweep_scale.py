@@ -16,8 +16,9 @@ scheduler is FIFO in both, so both do the same work.
 
 Tracking goes to a real ``mlflow server`` on PostgreSQL (started here, on 127.0.0.1, as the
 integration tests start it; needs PostgreSQL 15's binaries) and to the embedded default, a
-SQLite file; ``postgres-gunicorn`` is the same server under gunicorn instead of MLflow's
-default uvicorn. Each measured run is a fresh process, so its peak memory is its own.
+SQLite file; ``postgres-access-log`` is the same server with uvicorn's access log, which the
+stack leaves off, and ``postgres-gunicorn`` the same under gunicorn instead of MLflow's default
+uvicorn. Each measured run is a fresh process, so its peak memory is its own.
 
 Printed per tracking store: both wall times and their ratio, the overhead per trial, where a
 trial's time went (opening its run, its epochs against plain Tune's, closing its run), the
@@ -320,14 +321,25 @@ def as_postgres_user(command: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
 
 
-class PostgresMlflow:
-    """A throwaway PostgreSQL cluster and an ``mlflow server`` on it, both on 127.0.0.1;
-    ``gunicorn``: serve with gunicorn (MLflow's ``--gunicorn-opts``), not its default
-    uvicorn."""
+SERVINGS = {
+    "postgres": "stack",
+    "postgres-access-log": "access-log",
+    "postgres-gunicorn": "gunicorn",
+}
+"""``--tracking`` choices on PostgreSQL, and how :class:`PostgresMlflow` serves each."""
 
-    def __init__(self, folder: Path, *, gunicorn: bool = False):
+
+class PostgresMlflow:
+    """A throwaway PostgreSQL cluster and an ``mlflow server`` on it, both on 127.0.0.1.
+
+    ``serving``: ``stack``, as the compose stack serves (uvicorn, without its access log);
+    ``access-log``, the same with uvicorn's access log (``MLFLOW_UVICORN_OPTS=--access-log``);
+    ``gunicorn``, with gunicorn (MLflow's ``--gunicorn-opts``) instead of uvicorn.
+    """
+
+    def __init__(self, folder: Path, *, serving: str = "stack"):
         self.folder = folder
-        self.gunicorn = gunicorn
+        self.serving = serving
         self.pg_folder = Path(tempfile.mkdtemp(prefix="sweep-scale-pg-"))
         self.server: subprocess.Popen | None = None
 
@@ -351,13 +363,20 @@ class PostgresMlflow:
         http_port = free_port()
         mlflow = Path(sys.executable).with_name("mlflow")
         log = (self.folder / "mlflow-server.log").open("w")
+        settings = compose_mlflow_settings()  # as the stack runs it
+        gunicorn = self.serving == "gunicorn"
+        if gunicorn:  # MLflow refuses options for two servers at once
+            settings.pop("MLFLOW_UVICORN_OPTS", None)
+        elif self.serving == "access-log":
+            settings["MLFLOW_UVICORN_OPTS"] = "--access-log"
         self.server = subprocess.Popen(
             [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(http_port),
-             "--workers", "2", *(["--gunicorn-opts", "--log-level=warning"] * self.gunicorn),
+             "--workers", "2", *(["--gunicorn-opts", "--log-level=warning"] * gunicorn),
              "--backend-store-uri", f"postgresql://postgres@127.0.0.1:{port}/mlflow",
              "--artifacts-destination", str(self.folder / "mlflow-artifacts")],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, **compose_mlflow_settings()},  # as the stack runs it
+            env={**{k: v for k, v in os.environ.items() if k != "MLFLOW_UVICORN_OPTS"},
+                 **settings},
         )  # fmt: skip
         uri = f"http://127.0.0.1:{http_port}"
         deadline = time.monotonic() + 180
@@ -437,7 +456,8 @@ def main() -> None:
     parser.add_argument("--epoch-seconds", type=float, default=0.1)
     parser.add_argument("--concurrent", type=int, default=8, help="trials at a time")
     parser.add_argument("--tracking", nargs="+",
-                        choices=("sqlite", "postgres", "postgres-gunicorn"),
+                        choices=("sqlite", *SERVINGS), help="postgres-*: the same server "
+                        "served otherwise (see PostgresMlflow)",
                         default=["sqlite", "postgres"])  # fmt: skip
     parser.add_argument("--keep", type=Path, help="keep the runs' files in this folder")
     parser.add_argument("--cpu", action="store_true",
@@ -449,7 +469,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["SWEEP_SCALE_EPOCH_S"] = str(args.epoch_seconds)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if "postgres" in args.tracking and not (POSTGRES_BIN / "initdb").exists():
+    if set(args.tracking) & set(SERVINGS) and not (POSTGRES_BIN / "initdb").exists():
         raise SystemExit(f"sweep_scale: --tracking postgres needs {POSTGRES_BIN}/initdb")
     top = args.keep or Path(tempfile.mkdtemp(prefix="sweep-scale-"))
     top.mkdir(parents=True, exist_ok=True)
@@ -480,7 +500,7 @@ def main() -> None:
                                  **options)  # fmt: skip
             compare = compare_seconds(uri, folder)
         else:
-            with PostgresMlflow(folder, gunicorn=store == "postgres-gunicorn") as uri:
+            with PostgresMlflow(folder, serving=SERVINGS[store]) as uri:
                 with sampler(args.cpu) as cpu:
                     ours = run_child("project", folder / "sweep.log", folder=folder, uri=uri,
                                      **options)  # fmt: skip

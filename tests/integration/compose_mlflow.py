@@ -4,11 +4,16 @@ run as the stack's does."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
 
 COMPOSE_FILE = Path(__file__).resolve().parents[2] / "docker-compose.yml"
+SERVING_SETTING = re.compile(r"MLFLOW_SERVER_\w+|MLFLOW_UVICORN_OPTS")
+"""The environment variables by which the compose file sets how ``mlflow server`` serves."""
+DEFAULTED = re.compile(r"\$\{\w+:-([^}]*)\}")
+"""A compose value ``${NAME:-default}``: its default is the one group."""
 
 
 def compose_mlflow_service() -> dict:
@@ -30,11 +35,19 @@ def compose_mlflow_flags() -> dict[str, str]:
 
 
 def compose_mlflow_settings() -> dict[str, str]:
-    """The compose file's settings of how ``mlflow server`` runs that hold no address or
-    secret (``MLFLOW_SERVER_*``), for the tests' server to run as the stack's does."""
+    """The compose file's settings of how ``mlflow server`` serves (``MLFLOW_SERVER_*``,
+    ``MLFLOW_UVICORN_OPTS``), for the tests' server to run as the stack's does: a literal
+    value as written, a ``${NAME:-default}`` as its default (a stack whose ``.env`` leaves it
+    out); any other placeholder (a secret that must be set) is left out."""
     service = compose_mlflow_service()
-    return {
-        name: str(value)
-        for name, value in service["environment"].items()
-        if name.startswith("MLFLOW_SERVER_") and "${" not in str(value)
-    }
+    settings = {}
+    for name, value in service["environment"].items():
+        if not SERVING_SETTING.fullmatch(name):
+            continue
+        text = str(value)
+        defaulted = DEFAULTED.fullmatch(text)
+        if defaulted is not None:
+            text = defaulted.group(1)
+        if "${" not in text:
+            settings[name] = text
+    return settings

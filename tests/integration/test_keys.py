@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.integration.compose_mlflow import compose_mlflow_settings
 from tests.integration.conftest import (
     CLUSTER_MLFLOW_USER,
     REPO,
@@ -37,7 +38,8 @@ ADMIN, PASSWORD = "admin", "it-mlflow-password-7c1e0a"
 @pytest.fixture(scope="module")
 def signed_in_mlflow(tmp_path_factory):
     """``mlflow server --app-name basic-auth`` with the compose stack's auth settings
-    (deploy/mlflow_basic_auth.ini, its user store moved to this folder)."""
+    (deploy/mlflow_basic_auth.ini, its user store moved to this folder) and its serving
+    settings (``compose_mlflow_settings``)."""
     folder = tmp_path_factory.mktemp("mlflow-auth")
     ini = folder / "basic_auth.ini"
     text = (REPO / "deploy" / "mlflow_basic_auth.ini").read_text()
@@ -45,6 +47,7 @@ def signed_in_mlflow(tmp_path_factory):
     ini.write_text(text.replace("sqlite:////auth/", f"sqlite:///{folder}/"))
     env = {
         **os.environ,
+        **compose_mlflow_settings(),
         "MLFLOW_AUTH_CONFIG_PATH": str(ini),
         "MLFLOW_AUTH_ADMIN_USERNAME": ADMIN,
         "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORD,

@@ -267,6 +267,16 @@ def test_mlflow_runs_without_the_genai_job_consumers(resolved):
     assert environment["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
 
 
+def test_mlflow_serves_without_an_access_line_per_request_unless_asked(resolved):
+    """uvicorn's access log is 5 lines per trial and a tenth of the server's CPU per request
+    (benchmarks/sweep_scale.py); an operator turns it on in .env."""
+    environment = resolved["services"]["mlflow"]["environment"]
+    assert environment["MLFLOW_UVICORN_OPTS"] == "--no-access-log"
+    assert _env_file(ENV_EXAMPLE)["MLFLOW_UVICORN_OPTS"] == "--no-access-log"
+    raw = yaml.safe_load(COMPOSE_FILE.read_text())["services"]["mlflow"]["environment"]
+    assert raw["MLFLOW_UVICORN_OPTS"] == "${MLFLOW_UVICORN_OPTS:---no-access-log}"
+
+
 def test_mlflow_keeps_runs_in_postgres_and_proxies_artifacts_to_s3(resolved):
     """Runs go to PostgreSQL, artifacts to the MinIO bucket through the server."""
     mlflow = resolved["services"]["mlflow"]
