@@ -24,8 +24,12 @@ Printed per tracking store: both wall times and their ratio, the overhead per tr
 trial's time went (opening its run, its epochs against plain Tune's, closing its run), the
 driver's peak memory, how long the sweep's end took (leaderboard, compare.md, plots) and
 ``python -m orchestration.compare`` on the result; with ``--cpu``, the CPU each kind of
-process took in each run (``process_cpu.py``). Last line, for the last store measured:
-``sweep_scale: N trials, project P s, tune T s, ratio R, end E s, compare C s``.
+process took in each run (``process_cpu.py``). Last line, for the last store named in
+``--tracking``: ``sweep_scale: N trials, project P s, tune T s, ratio R, end E s, compare C s``.
+
+This machine's runs of the same code differ by 0.04-0.06 in ratio. ``--repeat K`` measures K
+rounds, each with its own plain-Tune run and the stores taking turns at going first, and
+prints each store's median; the last line then holds medians.
 """
 
 from __future__ import annotations
@@ -39,10 +43,12 @@ import resource
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -460,6 +466,9 @@ def main() -> None:
                         "served otherwise (see PostgresMlflow)",
                         default=["sqlite", "postgres"])  # fmt: skip
     parser.add_argument("--keep", type=Path, help="keep the runs' files in this folder")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of measuring (plain Tune, then each store, the "
+                        "stores taking turns at going first); last line: medians")  # fmt: skip
     parser.add_argument("--cpu", action="store_true",
                         help="also print the CPU each kind of process took in each run "
                         "(read from /proc twice a second)")  # fmt: skip
@@ -480,6 +489,39 @@ def main() -> None:
         f"files under {top}",
         flush=True,
     )
+    measured: dict[str, list[dict[str, float]]] = {store: [] for store in args.tracking}
+    for round_ in range(args.repeat):
+        # Each round measures plain Tune again; the stores take turns at going first.
+        shift = round_ % len(args.tracking)
+        stores = args.tracking[shift:] + args.tracking[:shift]
+        if args.repeat > 1:
+            print(f"round {round_ + 1} of {args.repeat}: plain Tune, then {', '.join(stores)}")
+        for store, result in measure_round(args, top / f"round-{round_ + 1}", stores, options):
+            measured[store].append(result)
+    summary = ""
+    for store, results in measured.items():
+        middle = {key: statistics.median(r[key] for r in results) for key in results[0]}
+        if args.repeat > 1:
+            ratios = ", ".join(f"{r['ratio']:.2f}" for r in results)
+            print(
+                f"project ({store}), median of {args.repeat} rounds: ratio "
+                f"{middle['ratio']:.2f} (each: {ratios}), end {middle['end']:.1f} s, "
+                f"compare {middle['compare']:.1f} s"
+            )
+        summary = (
+            f"sweep_scale: {args.trials} trials, project {middle['project']:.1f} s, tune "
+            f"{middle['tune']:.1f} s, ratio {middle['ratio']:.2f}, end {middle['end']:.1f} s, "
+            f"compare {middle['compare']:.1f} s"
+        )
+    print(summary)
+
+
+def measure_round(
+    args: argparse.Namespace, top: Path, stores: list[str], options: dict[str, int]
+) -> Iterator[tuple[str, dict[str, float]]]:
+    """Plain Tune, then the project on each of ``stores``, each printed as it is measured;
+    yields each store's (project wall, tune wall, ratio, end, compare)."""
+    top.mkdir(parents=True, exist_ok=True)
     with sampler(args.cpu) as cpu:
         tune = run_child("tune", top / "tune.log", **options)
     trials = tune["trials"]
@@ -488,8 +530,7 @@ def main() -> None:
         f"per trial: epochs {tune['phases']['epochs']:.2f} s"
     )
     print_cpu("plain Ray Tune", cpu, trials)
-    summary = ""
-    for store in args.tracking:
+    for store in stores:
         folder = top / store
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
@@ -525,15 +566,20 @@ def main() -> None:
         print(
             f"project ({store}) per trial: opening its run {phases['start'] * 1000:.0f} ms, "
             f"epochs {phases['epochs']:.2f} s (plain Tune {tune['phases']['epochs']:.2f} s), "
-            f"closing its run {phases['end'] * 1000:.0f} ms"
+            f"closing its run {phases['end'] * 1000:.0f} ms",
+            flush=True,
         )
         print_cpu(f"project ({store})", cpu, trials)
-        summary = (
-            f"sweep_scale: {trials} trials, project {ours['wall_s']:.1f} s, tune "
-            f"{tune['wall_s']:.1f} s, ratio {ratio:.2f}, end {ours['end_s']:.1f} s, "
-            f"compare {compare:.1f} s"
+        yield (
+            store,
+            {
+                "project": ours["wall_s"],
+                "tune": tune["wall_s"],
+                "ratio": ratio,
+                "end": ours["end_s"],
+                "compare": compare,
+            },
         )
-    print(summary)
 
 
 if __name__ == "__main__":
