@@ -32,7 +32,12 @@ from typing import Any
 from orchestration.common.redaction import redact
 from orchestration.definition.sweep_config import DEFAULT_RANKING_METRIC
 from orchestration.results.leaderboard import Winner, leaderboard_row
-from orchestration.tracking.run_search import search_all, search_parts, search_runs_in_parts
+from orchestration.tracking.run_search import (
+    cyclic_gc_paused,
+    search_all,
+    search_parts,
+    search_runs_in_parts,
+)
 from orchestration.tracking.tags import (
     TAG_CHECKPOINT,
     TAG_DATASET,
@@ -444,7 +449,10 @@ def compare(args: argparse.Namespace) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_report(compare, parse_args(argv))
+    # A short-lived command that reads thousands of objects: Python's cyclic collector off
+    # for all of it (MLflow's import too): 3.0 s instead of 5.2 s at 1,000 runs in SQLite.
+    with cyclic_gc_paused():
+        return run_report(compare, parse_args(argv))
 
 
 if __name__ == "__main__":
