@@ -33,9 +33,10 @@ def cyclic_gc_paused() -> Iterator[None]:
     """Python's cyclic garbage collector off for the block (reference counting goes on).
 
     A search of 1,000 runs builds about 90,000 objects (an ORM row, then an entity, per
-    param, tag and metric), and each allocation past the collector's threshold makes it scan
-    the young objects, and every tenth of those scans the older ones. Off while the runs
-    are read, ``compare`` on a 1,000-run SQLite store took 3.0 s instead of 5.2 s.
+    param, tag and metric). Every 700 new objects make the collector scan the youngest ones,
+    every tenth such scan the middle generation too, and every hundredth all objects, the
+    new runs included, again and again while they pile up. With it off while the runs are
+    read, ``compare`` on a 1,000-run SQLite store took 3.6-3.7 s instead of 5.1-5.8 s.
     Re-enabled after, unless it was off already (another read, in another thread, may still
     run; it then only misses the saving).
     """
